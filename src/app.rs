@@ -1,0 +1,272 @@
+//! `Application::build`: binds the listener, assembles the router and its middleware, and serves
+//! until a shutdown signal, letting in-flight requests finish.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{BoxError, Router};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::TraceLayer;
+use tracing::Level;
+
+use crate::config::Settings;
+use crate::error::ApiError;
+use crate::http::auth::{self, ApiTokens};
+use crate::http::{callbacks, ops, runs, AppState};
+use crate::ingest::{Ingest, Writers};
+use crate::signature::WebhookKeys;
+use crate::store::{self, Store};
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A built service: listening, but not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    writers: Writers,
+    shutdown_timeout: Duration,
+    http: crate::config::HttpSettings,
+}
+
+impl Application {
+    /// Opens the store named by the settings (migrating it unless disabled) and binds.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let store = store::connect(
+            &settings.database_url,
+            &settings.store,
+            settings.migrate_on_start,
+        )
+        .await
+        .context("cannot open the store named by DATABASE_URL")?;
+        Self::build_with_store(settings, store).await
+    }
+
+    /// Binds with a store opened by the caller (tests share one this way).
+    pub async fn build_with_store(
+        settings: Settings,
+        store: Arc<dyn Store>,
+    ) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(settings.bind)
+            .await
+            .with_context(|| format!("cannot listen on {} (NEN_RELAY_BIND)", settings.bind))?;
+        // Writers give up on a batch a little after the statement timeout, so a hung
+        // connection cannot hold a writer forever.
+        let store_timeout = settings.store.statement_timeout + settings.store.acquire_timeout;
+        let (ingest, writers) = Ingest::start(store.clone(), &settings.ingest, store_timeout);
+        let state = AppState {
+            webhook_keys: Arc::new(WebhookKeys::new(&settings.webhook_secrets)),
+            api_tokens: Arc::new(ApiTokens::new(&settings.api_tokens)),
+            store,
+            ingest,
+            settings: Arc::new(settings.clone()),
+        };
+        tracing::info!(
+            webhook_key_ids = ?state.webhook_keys.ids(),
+            "accepting callbacks signed with {} secret(s)",
+            state.webhook_keys.ids().len()
+        );
+        Ok(Self {
+            listener,
+            router: router(state),
+            writers,
+            shutdown_timeout: settings.http.shutdown_timeout,
+            http: settings.http,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
+    /// (at most `http.shutdown_timeout`), and lets the writers commit what was queued.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Application {
+            listener,
+            router,
+            writers,
+            shutdown_timeout,
+            http,
+        } = self;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            // A client that trickles its headers is cut off instead of holding a connection.
+            .header_read_timeout(http.header_read_timeout)
+            .keep_alive(true);
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        tracing::info!(address = %listener.local_addr()?, "nen-relay listening");
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let stream = match accepted {
+                        Ok((stream, _peer)) => stream,
+                        Err(error) => {
+                            // Out of file descriptors and the like: back off briefly instead of
+                            // spinning on the same error.
+                            tracing::warn!(%error, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let service = TowerToHyperService::new(router.clone());
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        drop(listener);
+        tracing::info!("shutting down: finishing in-flight requests");
+        if tokio::time::timeout(shutdown_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("in-flight requests did not finish within {shutdown_timeout:?}");
+        }
+        // The router holds the last handles on the ingest queue: dropping it lets the writers
+        // finish what is queued and stop.
+        drop(router);
+        writers.drain(shutdown_timeout).await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// The whole HTTP surface with its middleware.
+pub fn router(state: AppState) -> Router {
+    let max_in_flight = state.settings.http.max_in_flight;
+    let v1 = Router::new()
+        .route("/v1/runs", get(runs::list_runs))
+        .route("/v1/runs/{message_id}", get(runs::get_run))
+        .route("/v1/runs/{message_id}/events", get(runs::list_events))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .route("/webhooks/nen", post(callbacks::receive))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .merge(v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(middleware::from_fn(record_request_metrics))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetSensitiveRequestHeadersLayer::new([
+                    axum::http::header::AUTHORIZATION,
+                    HeaderName::from_static("x-hmac-signature"),
+                ]))
+                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(make_span)
+                        .on_request(())
+                        .on_response(
+                            tower_http::trace::DefaultOnResponse::new().level(Level::DEBUG),
+                        )
+                        .on_failure(()),
+                )
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                .layer(CatchPanicLayer::custom(panic_response))
+                // Beyond this many requests at once, answer 503 at once instead of queueing:
+                // memory stays bounded under a flood, and Nen retries.
+                .layer(HandleErrorLayer::new(overloaded))
+                .load_shed()
+                .concurrency_limit(max_in_flight),
+        )
+}
+
+/// One span per request, named by the matched route (low cardinality), with the request id.
+fn make_span(request: &Request) -> tracing::Span {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str)
+        .unwrap_or("unmatched");
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!("request", method = %request.method(), route, request_id)
+}
+
+async fn record_request_metrics(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(request).await;
+    crate::metrics::record_request(
+        method.as_str(),
+        &route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint".into())
+}
+
+async fn method_not_allowed() -> impl IntoResponse {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        axum::Json(serde_json::json!({
+            "error": "method_not_allowed",
+            "message": "this endpoint does not accept that method"
+        })),
+    )
+}
+
+async fn overloaded(error: BoxError) -> ApiError {
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        ApiError::Unavailable("too many requests in flight".into())
+    } else {
+        ApiError::Internal(error.to_string())
+    }
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::Internal("a request handler panicked".into()).into_response()
+}

@@ -1,0 +1,179 @@
+//! Command-line definitions, and the subcommands that are not the server itself.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use secrecy::ExposeSecret;
+
+use crate::app::Application;
+use crate::config::{Environment, Settings};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nen-relay",
+    version,
+    about = "Verified, deduplicated, durable receiver for Nen workflow callbacks",
+    long_about = "Verified, deduplicated, durable receiver for Nen workflow callbacks, with a run \
+                  query API and a safe way to start runs.\n\nConfiguration comes from config/*.toml \
+                  and the environment (see README.md). Without a subcommand, `serve` runs."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (migrations are applied at start unless store.migrate_on_start = false).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print the X-Hmac-Signature value for a body (stdin or FILE).
+    Sign(SignArgs),
+    /// Exit 0 when the local server answers GET /healthz (for container health checks).
+    Healthcheck(HealthcheckArgs),
+    /// Run a stand-in for Nen's API that calls back like Nen does.
+    FakeNen(crate::nen::fake::FakeNenArgs),
+    /// Drive signed callbacks at a server and check that none was lost.
+    Bench(crate::loadgen::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SignArgs {
+    /// The webhook secret. Defaults to the first of NEN_WEBHOOK_SECRETS.
+    #[arg(long)]
+    pub secret: Option<String>,
+    /// File whose exact bytes are signed; stdin when absent.
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// URL to probe. Defaults to /healthz on the port of NEN_RELAY_BIND.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Seconds to wait for an answer.
+    #[arg(long, default_value_t = 3)]
+    pub timeout: u64,
+}
+
+/// `nen-relay serve`: load settings, open the store, serve until SIGTERM or Ctrl-C.
+pub async fn serve() -> anyhow::Result<()> {
+    let settings = Settings::load()?;
+    crate::telemetry::init_tracing(settings.log_format);
+    for (name, value) in &settings.generated {
+        // Local only (production refuses to start without them): show the made-up value once
+        // on the terminal, not through the log pipeline, so it can be used with curl.
+        eprintln!(
+            "{name} is not set; for this run it is: {}",
+            value.expose_secret()
+        );
+    }
+    let application = Application::build(settings).await?;
+    application.run_until_stopped(shutdown_signal()).await
+}
+
+/// `nen-relay migrate`.
+pub async fn migrate() -> anyhow::Result<()> {
+    let settings = Settings::load()?;
+    crate::telemetry::init_tracing(settings.log_format);
+    crate::store::connect(&settings.database_url, &settings.store, true)
+        .await
+        .context("migration failed")?;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+/// `nen-relay sign`: prints `sha256=<hex>` for the exact bytes of FILE or stdin.
+pub fn sign(args: SignArgs) -> anyhow::Result<()> {
+    let secret = match args.secret {
+        Some(secret) => secret,
+        None => {
+            let settings = Settings::load()?;
+            if settings.generated.iter().any(|(name, _)| *name == "NEN_WEBHOOK_SECRETS") {
+                anyhow::bail!("give --secret, or set NEN_WEBHOOK_SECRETS");
+            }
+            settings.webhook_secrets[0].expose_secret().to_owned()
+        }
+    };
+    let mut body = Vec::new();
+    match args.file {
+        Some(path) => {
+            body = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?
+        }
+        None => {
+            std::io::stdin()
+                .read_to_end(&mut body)
+                .context("cannot read stdin")?;
+        }
+    }
+    println!("{}", crate::signature::sign(secret.as_bytes(), &body));
+    Ok(())
+}
+
+/// `nen-relay healthcheck`: a tiny HTTP probe, so the container image needs no curl.
+pub async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<()> {
+    let url = match args.url {
+        Some(url) => url,
+        None => {
+            let environment = Environment::from_env()?;
+            let default = if environment == Environment::Production {
+                "0.0.0.0:8080"
+            } else {
+                "127.0.0.1:8080"
+            };
+            let bind = std::env::var("NEN_RELAY_BIND").unwrap_or_else(|_| default.to_owned());
+            let address: std::net::SocketAddr = bind
+                .parse()
+                .with_context(|| format!("NEN_RELAY_BIND is not an address: {bind:?}"))?;
+            let host = if address.ip().is_unspecified() {
+                "127.0.0.1".to_owned()
+            } else if address.is_ipv6() {
+                format!("[{}]", address.ip())
+            } else {
+                address.ip().to_string()
+            };
+            format!("http://{host}:{}/healthz", address.port())
+        }
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(args.timeout))
+        .build()?;
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("no answer from {url}"))?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "{url} answered {}",
+        response.status()
+    );
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM (what container runtimes send).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received");
+}

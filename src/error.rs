@@ -1,0 +1,159 @@
+//! `ApiError`: every error answer as `{"error": "<code>", "message": "<text>"}` with its status.
+//!
+//! 4xx answers carry a message meant for the caller. 5xx answers carry a fixed message; the
+//! detail goes to the log, never to the body, so nothing internal (or secret) leaks.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use serde_json::Value;
+
+/// Seconds Nen (or any client) should wait before retrying a 503.
+pub const RETRY_AFTER_SECONDS: &str = "1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("the body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("the signature is missing or does not match")]
+    InvalidSignature,
+    #[error("{0}")]
+    InvalidPayload(String),
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
+    #[error("a valid bearer token is required")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("this Idempotency-Key was already used with a different request")]
+    IdempotencyConflict,
+    #[error("a request with this Idempotency-Key is still in progress")]
+    IdempotencyInProgress,
+    #[error("{0}")]
+    NotConfigured(String),
+    #[error("Nen rejected the request ({status})")]
+    NenRejected {
+        status: StatusCode,
+        nen_error: Value,
+    },
+    #[error("Nen could not be reached or failed: {0}")]
+    NenUnavailable(String),
+    #[error("Nen did not answer in time")]
+    NenTimeout,
+    /// The store or the ingest queue cannot take the request now; the client should retry.
+    #[error("temporarily unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nen_status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nen_error: Option<&'a Value>,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::InvalidSignature | ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::InvalidPayload(_) | ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::IdempotencyConflict | ApiError::IdempotencyInProgress => StatusCode::CONFLICT,
+            ApiError::NotConfigured(_) | ApiError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::NenRejected { status, .. } => *status,
+            ApiError::NenUnavailable(_) => StatusCode::BAD_GATEWAY,
+            ApiError::NenTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::InvalidSignature => "invalid_signature",
+            ApiError::InvalidPayload(_) => "invalid_payload",
+            ApiError::RequestTimeout => "request_timeout",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::IdempotencyConflict => "idempotency_conflict",
+            ApiError::IdempotencyInProgress => "idempotency_in_progress",
+            ApiError::NotConfigured(_) => "not_configured",
+            ApiError::NenRejected { .. } => "nen_rejected",
+            ApiError::NenUnavailable(_) => "nen_unavailable",
+            ApiError::NenTimeout => "nen_timeout",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// What the caller reads. Server-side failures get a fixed text: their detail is logged.
+    fn public_message(&self) -> String {
+        match self {
+            ApiError::Unavailable(_) => {
+                "the service cannot take this request right now; retry shortly".to_owned()
+            }
+            ApiError::Internal(_) => "internal error; it has been logged".to_owned(),
+            ApiError::NenUnavailable(_) => {
+                "Nen could not be reached or failed; the run may not have started".to_owned()
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(error: crate::store::StoreError) -> Self {
+        match error {
+            crate::store::StoreError::Unavailable(detail) => ApiError::Unavailable(detail),
+            crate::store::StoreError::Internal(detail) => ApiError::Internal(detail),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            // The detail stays in the log; the body says only what the caller can act on.
+            tracing::error!(error.code = self.code(), error.detail = %self, "request failed");
+        }
+        let (nen_status, nen_error) = match &self {
+            ApiError::NenRejected { status, nen_error } => (Some(status.as_u16()), Some(nen_error)),
+            _ => (None, None),
+        };
+        let body = ErrorBody {
+            error: self.code(),
+            message: self.public_message(),
+            nen_status,
+            nen_error,
+        };
+        let mut response = (status, Json(body)).into_response();
+        let headers = response.headers_mut();
+        match self {
+            ApiError::Unavailable(_) | ApiError::NotConfigured(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+            }
+            ApiError::Unauthorized => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"nen-relay\""),
+                );
+            }
+            _ => {}
+        }
+        response
+    }
+}

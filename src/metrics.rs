@@ -1,0 +1,81 @@
+//! Metric names and the helpers that record them, so that every name is spelled once.
+//!
+//! Labels are low-cardinality by construction: outcomes and key ids come from fixed sets, and
+//! routes are the matched route templates, never raw paths.
+
+use metrics::{counter, histogram};
+
+pub const CALLBACKS_TOTAL: &str = "nen_relay_callbacks_total";
+pub const CALLBACKS_BY_KEY_TOTAL: &str = "nen_relay_callbacks_by_key_total";
+pub const CALLBACK_ANOMALIES_TOTAL: &str = "nen_relay_callback_anomalies_total";
+pub const HTTP_REQUEST_DURATION: &str = "nen_relay_http_request_duration_seconds";
+pub const INGEST_BATCH_SIZE: &str = "nen_relay_ingest_batch_size";
+pub const INGEST_COMMIT_DURATION: &str = "nen_relay_ingest_commit_duration_seconds";
+pub const INGEST_FAILURES_TOTAL: &str = "nen_relay_ingest_failures_total";
+pub const TRIGGERS_TOTAL: &str = "nen_relay_triggers_total";
+
+/// How a callback was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallbackOutcome {
+    Accepted,
+    Duplicate,
+    InvalidSignature,
+    InvalidPayload,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unavailable,
+}
+
+impl CallbackOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallbackOutcome::Accepted => "accepted",
+            CallbackOutcome::Duplicate => "duplicate",
+            CallbackOutcome::InvalidSignature => "invalid_signature",
+            CallbackOutcome::InvalidPayload => "invalid_payload",
+            CallbackOutcome::PayloadTooLarge => "payload_too_large",
+            CallbackOutcome::RequestTimeout => "request_timeout",
+            CallbackOutcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+pub fn record_callback(outcome: CallbackOutcome) {
+    counter!(CALLBACKS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+}
+
+/// Counts verified callbacks by the id of the secret that verified them, so that an operator
+/// can see when an old secret stops being used and can be removed.
+pub fn record_callback_key(key_id: &str) {
+    counter!(CALLBACKS_BY_KEY_TOTAL, "key_id" => key_id.to_owned()).increment(1);
+}
+
+/// `kind` is `differing_duplicate` or `conflicting_terminal`.
+pub fn record_callback_anomaly(kind: &'static str) {
+    counter!(CALLBACK_ANOMALIES_TOTAL, "kind" => kind).increment(1);
+}
+
+pub fn record_request(method: &str, route: &str, status: u16, seconds: f64) {
+    histogram!(
+        HTTP_REQUEST_DURATION,
+        "method" => method.to_owned(),
+        "route" => route.to_owned(),
+        "status" => status.to_string()
+    )
+    .record(seconds);
+}
+
+pub fn record_batch(size: usize, seconds: f64) {
+    histogram!(INGEST_BATCH_SIZE).record(size as f64);
+    histogram!(INGEST_COMMIT_DURATION).record(seconds);
+}
+
+pub fn record_ingest_failure(reason: &'static str) {
+    counter!(INGEST_FAILURES_TOTAL, "reason" => reason).increment(1);
+}
+
+/// `outcome` is one of a fixed set: `accepted`, `replayed`, `nen_rejected`, `nen_unavailable`,
+/// `nen_timeout`, `conflict`, `invalid`.
+pub fn record_trigger(outcome: &'static str) {
+    counter!(TRIGGERS_TOTAL, "outcome" => outcome).increment(1);
+}

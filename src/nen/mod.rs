@@ -1,0 +1,3 @@
+//! Talking to Nen: the outbound client, request signing, and a stand-in for tests and demos.
+
+pub mod fake;

@@ -1,0 +1,239 @@
+//! Lenient parsing of a verified callback body.
+//!
+//! Only `message_id` and `status` are required (strings). Everything else Nen may send is
+//! optional and read if it has the expected shape; the raw body is always stored as well, so a
+//! field read wrongly today is not lost.
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Longest `message_id` accepted. Nen's ids are UUIDs; the bound keeps keys and indexes sane.
+pub const MAX_MESSAGE_ID_LEN: usize = 200;
+/// Longest `status` accepted.
+pub const MAX_STATUS_LEN: usize = 64;
+
+/// The fields of a callback that nen-relay understands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedCallback {
+    pub message_id: String,
+    pub status: String,
+    pub workflow_id: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// JSON text of `result`, as it appeared in the body.
+    pub result: Option<String>,
+    pub assets_url: Option<String>,
+    pub error: Option<String>,
+}
+
+/// Why a signed body is not a callback. The message is shown to the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    #[error("the body is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("the body is not a JSON object")]
+    NotAnObject,
+    #[error("the body is not a valid callback: {0}")]
+    Malformed(String),
+    #[error("'{0}' is missing or not a string")]
+    MissingField(&'static str),
+    #[error("'{field}' must be 1 to {max} characters long")]
+    BadLength { field: &'static str, max: usize },
+}
+
+/// Borrowing view of the body; unknown fields are skipped (and kept in the raw body).
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow, default)]
+    message_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    status: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    workflow_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    expires_at: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    result: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    assets: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    assets_url: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
+}
+
+pub fn parse_callback(body: &[u8]) -> Result<ParsedCallback, PayloadError> {
+    // serde would read a JSON array into the struct positionally: insist on an object.
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            Ok(_) => PayloadError::NotAnObject,
+            Err(error) => PayloadError::NotJson(error.to_string()),
+        });
+    }
+    let wire: Wire = serde_json::from_slice(body).map_err(|error| match error.classify() {
+        // A type error inside an object, e.g. a duplicated field.
+        serde_json::error::Category::Data => PayloadError::Malformed(error.to_string()),
+        _ => PayloadError::NotJson(error.to_string()),
+    })?;
+    let message_id = required_string(wire.message_id, "message_id", MAX_MESSAGE_ID_LEN)?;
+    let status = required_string(wire.status, "status", MAX_STATUS_LEN)?;
+    Ok(ParsedCallback {
+        message_id,
+        status,
+        workflow_id: optional_string(wire.workflow_id),
+        expires_at: wire.expires_at.and_then(timestamp),
+        result: wire.result.filter(|raw| raw.get() != "null").map(|raw| raw.get().to_owned()),
+        assets_url: optional_string(wire.assets).or_else(|| optional_string(wire.assets_url)),
+        error: wire.error.and_then(error_text),
+    })
+}
+
+fn required_string(
+    raw: Option<&RawValue>,
+    field: &'static str,
+    max: usize,
+) -> Result<String, PayloadError> {
+    let value = raw
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+        .ok_or(PayloadError::MissingField(field))?;
+    if value.is_empty() || value.chars().count() > max {
+        return Err(PayloadError::BadLength { field, max });
+    }
+    Ok(value)
+}
+
+fn optional_string(raw: Option<&RawValue>) -> Option<String> {
+    raw.and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+}
+
+/// `expires_at` is documented as Unix seconds; milliseconds and RFC 3339 are accepted too, since
+/// Nen's signed requests accept all three. Anything else is left to the raw body.
+fn timestamp(raw: &RawValue) -> Option<DateTime<Utc>> {
+    if let Ok(number) = serde_json::from_str::<f64>(raw.get()) {
+        if !number.is_finite() {
+            return None;
+        }
+        // Above 10^11 seconds is year 5138: read it as milliseconds instead.
+        let millis = if number.abs() >= 1e11 { number } else { number * 1000.0 };
+        if millis.abs() > 8.2e15 {
+            return None; // beyond chrono's range
+        }
+        return Utc.timestamp_millis_opt(millis as i64).single();
+    }
+    let text = serde_json::from_str::<String>(raw.get()).ok()?;
+    DateTime::parse_from_rfc3339(&text)
+        .ok()
+        .map(|time| time.with_timezone(&Utc))
+}
+
+/// `error` is documented as the exception message; any other JSON is kept as its text.
+fn error_text(raw: &RawValue) -> Option<String> {
+    match serde_json::from_str::<String>(raw.get()) {
+        Ok(text) => Some(text),
+        Err(_) if raw.get() == "null" => None,
+        Err(_) => Some(raw.get().to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn reads_the_documented_processing_example() {
+        let parsed = parse_callback(
+            br#"{"workflow_id":"w","message_id":"m","status":"processing","expires_at":1730319600}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.message_id, "m");
+        assert_eq!(parsed.status, "processing");
+        assert_eq!(parsed.workflow_id.as_deref(), Some("w"));
+        assert_eq!(parsed.expires_at.unwrap().timestamp(), 1_730_319_600);
+        assert_eq!(parsed.result, None);
+    }
+
+    #[test]
+    fn reads_success_and_failure_fields() {
+        let success = parse_callback(
+            br#"{"message_id":"m","status":"success","success":true,"result":{"a": [1, 2]},"assets":"https://x/a.zip"}"#,
+        )
+        .unwrap();
+        assert_eq!(success.result.as_deref(), Some(r#"{"a": [1, 2]}"#));
+        assert_eq!(success.assets_url.as_deref(), Some("https://x/a.zip"));
+        let failure =
+            parse_callback(br#"{"message_id":"m","status":"failed","error":"boom"}"#).unwrap();
+        assert_eq!(failure.error.as_deref(), Some("boom"));
+        let structured =
+            parse_callback(br#"{"message_id":"m","status":"failed","error":{"code":7}}"#).unwrap();
+        assert_eq!(structured.error.as_deref(), Some(r#"{"code":7}"#));
+    }
+
+    #[test]
+    fn tolerates_odd_optional_fields() {
+        let parsed = parse_callback(
+            br#"{"message_id":"m","status":"s","workflow_id":5,"expires_at":"soon","result":null,"assets":false}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.workflow_id, None);
+        assert_eq!(parsed.expires_at, None);
+        assert_eq!(parsed.result, None);
+        assert_eq!(parsed.assets_url, None);
+        let millis =
+            parse_callback(br#"{"message_id":"m","status":"s","expires_at":1730319600000}"#)
+                .unwrap();
+        assert_eq!(millis.expires_at.unwrap().timestamp(), 1_730_319_600);
+        let rfc = parse_callback(
+            br#"{"message_id":"m","status":"s","expires_at":"2024-10-30T20:20:00Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(rfc.expires_at.unwrap().timestamp(), 1_730_319_600);
+        let huge = parse_callback(br#"{"message_id":"m","status":"s","expires_at":1e300}"#);
+        assert_eq!(huge.unwrap().expires_at, None);
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_callback() {
+        assert!(matches!(parse_callback(b"not json"), Err(PayloadError::NotJson(_))));
+        assert_eq!(parse_callback(b"[1,2]"), Err(PayloadError::NotAnObject));
+        assert_eq!(
+            parse_callback(br#"{"status":"processing"}"#),
+            Err(PayloadError::MissingField("message_id"))
+        );
+        assert_eq!(
+            parse_callback(br#"{"message_id":7,"status":"processing"}"#),
+            Err(PayloadError::MissingField("message_id"))
+        );
+        assert_eq!(
+            parse_callback(br#"{"message_id":"m"}"#),
+            Err(PayloadError::MissingField("status"))
+        );
+        assert!(matches!(
+            parse_callback(br#"{"message_id":"","status":"processing"}"#),
+            Err(PayloadError::BadLength { field: "message_id", .. })
+        ));
+        let long = format!(r#"{{"message_id":"{}","status":"processing"}}"#, "x".repeat(201));
+        assert!(matches!(
+            parse_callback(long.as_bytes()),
+            Err(PayloadError::BadLength { field: "message_id", .. })
+        ));
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let nested = format!(r#"{{"message_id":"m","status":"s","x":{deep}}}"#);
+        assert!(parse_callback(nested.as_bytes()).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_bytes(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_callback(&body);
+        }
+
+        #[test]
+        fn string_ids_and_statuses_round_trip(id in "[^\u{0}]{1,50}", status in "[a-z]{1,20}") {
+            let body = serde_json::json!({"message_id": id, "status": status}).to_string();
+            let parsed = parse_callback(body.as_bytes()).unwrap();
+            prop_assert_eq!(parsed.message_id, id);
+            prop_assert_eq!(parsed.status, status);
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Persistence behind one small domain trait, with a PostgreSQL and an embedded SQLite backend.
+//!
+//! Handlers and the ingest pipeline only see [`Store`] and the types in [`model`]; neither backend
+//! leaks `sqlx` types past this module. Both backends share the batch planning in [`plan`], so
+//! deduplication and forward-only status are decided by one piece of code.
+
+pub mod model;
+pub mod plan;
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use secrecy::{ExposeSecret, SecretString};
+
+pub use model::{
+    ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,
+    RunCursor, RunPage, RunQuery, StoredResponse, TriggeredRun,
+};
+
+/// Why a store call failed, in the terms the HTTP layer needs.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached, or did not answer in time: the caller should retry.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: a bug or a schema mismatch, not the caller's fault.
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        match &error {
+            E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => {
+                StoreError::Unavailable(error.to_string())
+            }
+            E::Database(db) => {
+                // PostgreSQL: 57014 statement timeout / query canceled, 55P03 lock timeout,
+                // 57P01..57P03 shutdown / cannot connect now, 08xxx connection exceptions,
+                // 53xxx insufficient resources, 40001/40P01 serialization failure / deadlock.
+                // SQLite: 5 SQLITE_BUSY, 6 SQLITE_LOCKED, 261/262/517 their extended codes.
+                let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+                let transient = code == "57014"
+                    || code == "55P03"
+                    || code.starts_with("57P")
+                    || code.starts_with("08")
+                    || code.starts_with("53")
+                    || code == "40001"
+                    || code == "40P01"
+                    || matches!(code.as_str(), "5" | "6" | "261" | "262" | "517");
+                if transient {
+                    StoreError::Unavailable(error.to_string())
+                } else {
+                    StoreError::Internal(error.to_string())
+                }
+            }
+            _ => StoreError::Internal(error.to_string()),
+        }
+    }
+}
+
+/// Everything nen-relay keeps. One implementation per backend.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Records verified callbacks in one transaction. Outcome `i` belongs to `deliveries[i]`.
+    ///
+    /// Guarantees, whatever the batch holds and whatever other writers do at the same time:
+    /// - one event per `(message_id, status)`; every further copy counts as a duplicate, and one
+    ///   whose body differs from the stored one is flagged;
+    /// - a run's status only moves forward; a terminal status that differs from the run's
+    ///   terminal status is kept as an event and flagged as conflicting;
+    /// - nothing is visible to readers until the whole batch is committed.
+    async fn record_deliveries(
+        &self,
+        deliveries: &[Delivery],
+    ) -> Result<Vec<DeliveryOutcome>, StoreError>;
+
+    /// Keeps a signed but malformed callback body for inspection.
+    async fn record_rejected_payload(&self, rejected: &RejectedPayload) -> Result<(), StoreError>;
+
+    async fn get_run(&self, message_id: &str) -> Result<Option<Run>, StoreError>;
+
+    /// Newest first, keyset-paginated.
+    async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError>;
+
+    /// Every distinct delivery of a run, in arrival order (empty when the run is unknown).
+    async fn list_events(&self, message_id: &str) -> Result<Vec<Event>, StoreError>;
+
+    /// Records a run this service started on Nen, as `submitted` unless a callback got there first.
+    async fn record_triggered_run(&self, run: &TriggeredRun) -> Result<(), StoreError>;
+
+    /// Claims an `Idempotency-Key` before Nen is called, atomically across replicas.
+    async fn claim_idempotency_key(
+        &self,
+        claim: &IdempotencyClaim,
+    ) -> Result<ClaimOutcome, StoreError>;
+
+    /// Stores the answer given for a claimed key, so that repeats get the same answer.
+    async fn complete_idempotency_key(
+        &self,
+        key: &str,
+        response: &StoredResponse,
+    ) -> Result<(), StoreError>;
+
+    /// Frees a claimed key whose request failed, so that the client may try again.
+    async fn release_idempotency_key(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Answers when the database does (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Connection settings shared by both backends.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub max_connections: u32,
+    /// How long a request may wait for a pooled connection before the store counts as unavailable.
+    pub acquire_timeout: Duration,
+    /// Server-side cap on one statement (PostgreSQL) or on waiting for the write lock (SQLite).
+    pub statement_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_millis(1000),
+            statement_timeout: Duration::from_millis(1500),
+        }
+    }
+}
+
+/// Which backend a `DATABASE_URL` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl Backend {
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else {
+            Err(StoreError::Internal(
+                "DATABASE_URL must start with postgres://, postgresql:// or sqlite://".into(),
+            ))
+        }
+    }
+}
+
+/// Opens the store a `DATABASE_URL` names, applying migrations first when asked.
+pub async fn connect(
+    url: &SecretString,
+    options: &StoreOptions,
+    migrate: bool,
+) -> Result<Arc<dyn Store>, StoreError> {
+    let url = url.expose_secret();
+    match Backend::from_url(url)? {
+        Backend::Postgres => {
+            let store = postgres::PostgresStore::connect(url, options).await?;
+            if migrate {
+                store.migrate().await?;
+            }
+            Ok(Arc::new(store))
+        }
+        Backend::Sqlite => {
+            let store = sqlite::SqliteStore::connect(url, options).await?;
+            if migrate {
+                store.migrate().await?;
+            }
+            Ok(Arc::new(store))
+        }
+    }
+}

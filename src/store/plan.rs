@@ -1,0 +1,292 @@
+//! Batch planning shared by both backends: which deliveries of a batch are repeats of each
+//! other, how a run moves when several of its statuses arrive together, and what each delivery
+//! is answered. The backends only run the statements; every decision is made here, once.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+
+use super::model::{Delivery, DeliveryOutcome};
+use crate::status::StatusRank;
+
+/// Deliveries of one `(message_id, status)` within a batch, in arrival order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// Index of the first delivery: the one stored as the event if the key is new.
+    pub first: usize,
+    /// Indices of the later copies in this batch.
+    pub repeats: Vec<usize>,
+}
+
+/// A batch split into its distinct `(message_id, status)` keys.
+#[derive(Debug)]
+pub struct BatchPlan<'a> {
+    pub deliveries: &'a [Delivery],
+    /// In order of first arrival.
+    pub groups: Vec<Group>,
+}
+
+/// How one run changes because of the new events of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunChange {
+    pub message_id: String,
+    pub workflow_id: Option<String>,
+    /// The furthest new status (the first to arrive among equally far ones).
+    pub status: String,
+    pub rank: StatusRank,
+    /// When the earliest of these events arrived (the run's `created_at` if it is new).
+    pub first_received_at: DateTime<Utc>,
+    /// When the latest of these events arrived (the run's `updated_at`).
+    pub last_received_at: DateTime<Utc>,
+    /// Set when `status` is terminal.
+    pub completed_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub result: Option<String>,
+    pub assets_url: Option<String>,
+    pub error: Option<String>,
+}
+
+impl<'a> BatchPlan<'a> {
+    pub fn new(deliveries: &'a [Delivery]) -> Self {
+        let mut index: HashMap<(&str, &str), usize> = HashMap::with_capacity(deliveries.len());
+        let mut groups: Vec<Group> = Vec::with_capacity(deliveries.len());
+        for (position, delivery) in deliveries.iter().enumerate() {
+            let key = (delivery.message_id.as_str(), delivery.status.as_str());
+            match index.get(&key) {
+                Some(&group) => groups[group].repeats.push(position),
+                None => {
+                    index.insert(key, groups.len());
+                    groups.push(Group {
+                        first: position,
+                        repeats: Vec::new(),
+                    });
+                }
+            }
+        }
+        Self { deliveries, groups }
+    }
+
+    /// The delivery a group stores as its event.
+    pub fn first(&self, group: &Group) -> &'a Delivery {
+        &self.deliveries[group.first]
+    }
+
+    /// Later copies within the batch whose body differs from the group's first delivery.
+    pub fn differing_repeats(&self, group: &Group) -> usize {
+        let first = &self.deliveries[group.first].body_sha256;
+        group
+            .repeats
+            .iter()
+            .filter(|&&i| &self.deliveries[i].body_sha256 != first)
+            .count()
+    }
+
+    /// The latest arrival among a group's deliveries.
+    pub fn last_received_at(&self, group: &Group) -> DateTime<Utc> {
+        group
+            .repeats
+            .iter()
+            .map(|&i| self.deliveries[i].received_at)
+            .fold(self.deliveries[group.first].received_at, DateTime::max)
+    }
+
+    /// One change per run that got at least one new event. `inserted[g]` says whether group `g`
+    /// became a new event. Changes are sorted by `message_id`, so that concurrent writers lock
+    /// runs in the same order.
+    pub fn run_changes(&self, inserted: &[bool]) -> Vec<RunChange> {
+        let mut by_run: HashMap<&str, RunChange> = HashMap::new();
+        for (group, _) in self.groups.iter().zip(inserted).filter(|(_, &new)| new) {
+            let delivery = self.first(group);
+            let rank = delivery.rank();
+            match by_run.get_mut(delivery.message_id.as_str()) {
+                None => {
+                    by_run.insert(delivery.message_id.as_str(), change_from(delivery));
+                }
+                Some(change) => {
+                    change.first_received_at = change.first_received_at.min(delivery.received_at);
+                    change.last_received_at = change.last_received_at.max(delivery.received_at);
+                    if rank > change.rank {
+                        // The further status wins; fields it lacks keep what earlier ones gave.
+                        let mut further = change_from(delivery);
+                        further.first_received_at = change.first_received_at;
+                        further.last_received_at = change.last_received_at;
+                        further.workflow_id = further.workflow_id.or(change.workflow_id.take());
+                        further.expires_at = further.expires_at.or(change.expires_at);
+                        *change = further;
+                    } else {
+                        change.workflow_id = change.workflow_id.take().or(delivery.workflow_id.clone());
+                        change.expires_at = change.expires_at.or(delivery.expires_at);
+                    }
+                }
+            }
+        }
+        let mut changes: Vec<RunChange> = by_run.into_values().collect();
+        changes.sort_by(|a, b| a.message_id.cmp(&b.message_id));
+        changes
+    }
+
+    /// New terminal events that disagree with their run's final status: `(group index)`.
+    /// `final_status` maps each changed run to its status after the batch.
+    pub fn conflicting_terminals(
+        &self,
+        inserted: &[bool],
+        final_status: &HashMap<String, String>,
+    ) -> Vec<usize> {
+        self.groups
+            .iter()
+            .enumerate()
+            .filter(|(g, _)| inserted[*g])
+            .filter_map(|(g, group)| {
+                let delivery = self.first(group);
+                let run_status = final_status.get(&delivery.message_id)?;
+                (delivery.rank().is_terminal()
+                    && StatusRank::of(run_status).is_terminal()
+                    && run_status != &delivery.status)
+                    .then_some(g)
+            })
+            .collect()
+    }
+
+    /// Each delivery's answer. `inserted[g]` as above; `stored_sha256[g]` is the body hash of
+    /// the event already stored for a group that was not inserted; `conflicting` lists groups
+    /// from [`Self::conflicting_terminals`].
+    pub fn outcomes(
+        &self,
+        inserted: &[bool],
+        stored_sha256: &[Option<[u8; 32]>],
+        conflicting: &[usize],
+    ) -> Vec<DeliveryOutcome> {
+        let mut outcomes = vec![DeliveryOutcome::default(); self.deliveries.len()];
+        for (g, group) in self.groups.iter().enumerate() {
+            let reference = if inserted[g] {
+                outcomes[group.first].conflicting_terminal = conflicting.contains(&g);
+                self.deliveries[group.first].body_sha256
+            } else {
+                stored_sha256[g].unwrap_or(self.deliveries[group.first].body_sha256)
+            };
+            let copies = group
+                .repeats
+                .iter()
+                .chain((!inserted[g]).then_some(&group.first));
+            for &i in copies {
+                outcomes[i].duplicate = true;
+                outcomes[i].body_differs = self.deliveries[i].body_sha256 != reference;
+            }
+        }
+        outcomes
+    }
+}
+
+fn change_from(delivery: &Delivery) -> RunChange {
+    let rank = delivery.rank();
+    RunChange {
+        message_id: delivery.message_id.clone(),
+        workflow_id: delivery.workflow_id.clone(),
+        status: delivery.status.clone(),
+        rank,
+        first_received_at: delivery.received_at,
+        last_received_at: delivery.received_at,
+        completed_at: rank.is_terminal().then_some(delivery.received_at),
+        expires_at: delivery.expires_at,
+        result: delivery.result.clone(),
+        assets_url: delivery.assets_url.clone(),
+        error: delivery.error.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use chrono::TimeZone;
+    use sha2::{Digest, Sha256};
+
+    fn delivery(message_id: &str, status: &str, body: &str, second: i64) -> Delivery {
+        Delivery {
+            message_id: message_id.into(),
+            status: status.into(),
+            workflow_id: Some("w".into()),
+            expires_at: None,
+            result: None,
+            assets_url: None,
+            error: None,
+            raw_body: Bytes::from(body.to_owned()),
+            body_sha256: Sha256::digest(body.as_bytes()).into(),
+            key_id: "k".into(),
+            received_at: Utc.timestamp_opt(1_700_000_000 + second, 0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn groups_repeats_by_message_and_status() {
+        let batch = [
+            delivery("a", "processing", "1", 0),
+            delivery("a", "success", "2", 1),
+            delivery("a", "processing", "1", 2),
+            delivery("b", "processing", "3", 3),
+            delivery("a", "processing", "changed", 4),
+        ];
+        let plan = BatchPlan::new(&batch);
+        assert_eq!(plan.groups.len(), 3);
+        assert_eq!(plan.groups[0], Group { first: 0, repeats: vec![2, 4] });
+        assert_eq!(plan.differing_repeats(&plan.groups[0]), 1);
+        assert_eq!(plan.last_received_at(&plan.groups[0]).timestamp(), 1_700_000_004);
+    }
+
+    #[test]
+    fn a_run_moves_to_its_furthest_new_status_keeping_earlier_fields() {
+        let mut processing = delivery("a", "processing", "1", 5);
+        processing.expires_at = Some(Utc.timestamp_opt(1_800_000_000, 0).unwrap());
+        let mut success = delivery("a", "success", "2", 3);
+        success.result = Some("{}".into());
+        let batch = [success, processing];
+        let plan = BatchPlan::new(&batch);
+        let changes = plan.run_changes(&[true, true]);
+        assert_eq!(changes.len(), 1);
+        let change = &changes[0];
+        assert_eq!(change.status, "success");
+        assert_eq!(change.result.as_deref(), Some("{}"));
+        assert_eq!(change.expires_at, batch[1].expires_at);
+        assert_eq!(change.first_received_at, batch[0].received_at);
+        assert_eq!(change.last_received_at, batch[1].received_at);
+        assert_eq!(change.completed_at, Some(batch[0].received_at));
+    }
+
+    #[test]
+    fn the_first_of_two_terminals_wins_and_the_second_conflicts() {
+        let batch = [delivery("a", "success", "1", 0), delivery("a", "failed", "2", 1)];
+        let plan = BatchPlan::new(&batch);
+        let changes = plan.run_changes(&[true, true]);
+        assert_eq!(changes[0].status, "success");
+        let final_status = HashMap::from([("a".to_owned(), "success".to_owned())]);
+        assert_eq!(plan.conflicting_terminals(&[true, true], &final_status), vec![1]);
+    }
+
+    #[test]
+    fn only_inserted_groups_change_runs() {
+        let batch = [delivery("a", "processing", "1", 0), delivery("b", "success", "2", 1)];
+        let plan = BatchPlan::new(&batch);
+        let changes = plan.run_changes(&[false, true]);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].message_id, "b");
+    }
+
+    #[test]
+    fn outcomes_mark_copies_and_differing_bodies() {
+        let batch = [
+            delivery("a", "processing", "1", 0),
+            delivery("a", "processing", "1", 1),
+            delivery("a", "processing", "x", 2),
+            delivery("b", "processing", "2", 3),
+            delivery("b", "processing", "2", 4),
+        ];
+        let plan = BatchPlan::new(&batch);
+        let stored_b: [u8; 32] = Sha256::digest(b"other").into();
+        let outcomes = plan.outcomes(&[true, false], &[None, Some(stored_b)], &[]);
+        let flags: Vec<(bool, bool)> = outcomes.iter().map(|o| (o.duplicate, o.body_differs)).collect();
+        assert_eq!(
+            flags,
+            vec![(false, false), (true, false), (true, true), (true, true), (true, true)]
+        );
+    }
+}

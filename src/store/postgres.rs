@@ -1,0 +1,587 @@
+//! The PostgreSQL store: the production backend, safe for several replicas on one database.
+//!
+//! A batch of deliveries is written with one multi-row statement per step (`unnest` of arrays),
+//! in one transaction, so the cost of a commit is shared by everything in the batch.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Transaction};
+
+use super::model::*;
+use super::plan::BatchPlan;
+use super::{Store, StoreError, StoreOptions};
+
+/// Deadlocks and serialization failures between concurrent writers are retried this often.
+const MAX_ATTEMPTS: usize = 3;
+
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Builds the pool without connecting: the service can start (and report not ready) while
+    /// the database is down, and connects as soon as it answers.
+    pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
+        let statement_timeout = format!("{}", options.statement_timeout.as_millis().max(1));
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|error| StoreError::Internal(format!("invalid DATABASE_URL: {error}")))?
+            .application_name("nen-relay")
+            // Server-side caps, so that a slow database answers with an error the service turns
+            // into 503 instead of holding requests past Nen's 5-second budget.
+            .options([
+                ("statement_timeout", statement_timeout.as_str()),
+                ("lock_timeout", statement_timeout.as_str()),
+                ("idle_in_transaction_session_timeout", "30000"),
+            ]);
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            // A ping per checkout would double the round trips of every batch; a dead
+            // connection fails its first statement instead, and is replaced.
+            .test_before_acquire(false)
+            .connect_lazy_with(connect);
+        Ok(Self { pool })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("migrations/postgres")
+            .run(&self.pool)
+            .await
+            .map_err(|error| match error {
+                sqlx::migrate::MigrateError::Execute(inner) => StoreError::from(inner),
+                other => StoreError::Internal(format!("migration failed: {other}")),
+            })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn try_record(&self, plan: &BatchPlan<'_>) -> Result<Vec<DeliveryOutcome>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = insert_events(&mut tx, plan).await?;
+        let stored_sha256 = count_duplicates(&mut tx, plan, &inserted).await?;
+        let final_status = apply_run_changes(&mut tx, plan, &inserted).await?;
+        let conflicting = plan.conflicting_terminals(&inserted, &final_status);
+        if !conflicting.is_empty() {
+            flag_conflicts(&mut tx, plan, &conflicting).await?;
+        }
+        tx.commit().await?;
+        Ok(plan.outcomes(&inserted, &stored_sha256, &conflicting))
+    }
+}
+
+/// Inserts each group's first delivery as an event unless `(message_id, status)` exists.
+/// Returns, per group, whether it became a new event.
+async fn insert_events(
+    tx: &mut Transaction<'_, Postgres>,
+    plan: &BatchPlan<'_>,
+) -> Result<Vec<bool>, sqlx::Error> {
+    // Key order, so that concurrent writers take row locks in the same order.
+    let mut order: Vec<usize> = (0..plan.groups.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (plan.first(&plan.groups[a]), plan.first(&plan.groups[b]));
+        (&a.message_id, &a.status).cmp(&(&b.message_id, &b.status))
+    });
+    let size = order.len();
+    let (mut ids, mut statuses, mut received, mut last, mut payloads) = (
+        Vec::with_capacity(size),
+        Vec::with_capacity(size),
+        Vec::with_capacity(size),
+        Vec::with_capacity(size),
+        Vec::with_capacity(size),
+    );
+    let (mut hashes, mut keys, mut duplicates, mut differing) = (
+        Vec::with_capacity(size),
+        Vec::with_capacity(size),
+        Vec::with_capacity(size),
+        Vec::with_capacity(size),
+    );
+    for &g in &order {
+        let group = &plan.groups[g];
+        let first = plan.first(group);
+        ids.push(first.message_id.as_str());
+        statuses.push(first.status.as_str());
+        received.push(first.received_at);
+        last.push(plan.last_received_at(group));
+        payloads.push(first.body_text());
+        hashes.push(first.body_sha256.to_vec());
+        keys.push(first.key_id.as_str());
+        duplicates.push(group.repeats.len() as i64);
+        differing.push(plan.differing_repeats(group) as i64);
+    }
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "insert into events (message_id, status, received_at, last_received_at, payload, \
+                             body_sha256, key_id, duplicates, differing_duplicates) \
+         select * from unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], \
+                              $5::text[], $6::bytea[], $7::text[], $8::int8[], $9::int8[]) \
+         on conflict (message_id, status) do nothing \
+         returning message_id, status",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&received)
+    .bind(&last)
+    .bind(&payloads)
+    .bind(&hashes)
+    .bind(&keys)
+    .bind(&duplicates)
+    .bind(&differing)
+    .fetch_all(&mut **tx)
+    .await?;
+    let index = group_index(plan);
+    let mut inserted = vec![false; plan.groups.len()];
+    for (message_id, status) in &rows {
+        if let Some(&g) = index.get(&(message_id.as_str(), status.as_str())) {
+            inserted[g] = true;
+        }
+    }
+    Ok(inserted)
+}
+
+/// Adds every copy of an existing event to its counters. Returns, per group that was not
+/// inserted, the stored body's hash (to tell identical copies from differing ones).
+async fn count_duplicates(
+    tx: &mut Transaction<'_, Postgres>,
+    plan: &BatchPlan<'_>,
+    inserted: &[bool],
+) -> Result<Vec<Option<[u8; 32]>>, sqlx::Error> {
+    let mut stored = vec![None; plan.groups.len()];
+    let (mut ids, mut statuses, mut hashes, mut received) = (vec![], vec![], vec![], vec![]);
+    for (g, group) in plan.groups.iter().enumerate() {
+        if inserted[g] {
+            continue;
+        }
+        for &i in std::iter::once(&group.first).chain(&group.repeats) {
+            let delivery = &plan.deliveries[i];
+            ids.push(delivery.message_id.as_str());
+            statuses.push(delivery.status.as_str());
+            hashes.push(delivery.body_sha256.to_vec());
+            received.push(delivery.received_at);
+        }
+    }
+    if ids.is_empty() {
+        return Ok(stored);
+    }
+    let rows: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
+        "with copies (message_id, status, body_sha256, received_at) as ( \
+             select * from unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[])), \
+         tally as ( \
+             select e.id, count(*) as copies, \
+                    count(*) filter (where c.body_sha256 <> e.body_sha256) as differing, \
+                    max(c.received_at) as last_received_at \
+             from copies c join events e using (message_id, status) \
+             group by e.id) \
+         update events e \
+         set duplicates = e.duplicates + tally.copies, \
+             differing_duplicates = e.differing_duplicates + tally.differing, \
+             last_received_at = greatest(e.last_received_at, tally.last_received_at) \
+         from (select * from tally order by id) tally \
+         where e.id = tally.id \
+         returning e.message_id, e.status, e.body_sha256",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&hashes)
+    .bind(&received)
+    .fetch_all(&mut **tx)
+    .await?;
+    let index = group_index(plan);
+    for (message_id, status, hash) in rows {
+        if let (Some(&g), Ok(hash)) = (
+            index.get(&(message_id.as_str(), status.as_str())),
+            <[u8; 32]>::try_from(hash.as_slice()),
+        ) {
+            stored[g] = Some(hash);
+        }
+    }
+    Ok(stored)
+}
+
+/// Creates or moves forward every run that got a new event. Returns each one's final status.
+async fn apply_run_changes(
+    tx: &mut Transaction<'_, Postgres>,
+    plan: &BatchPlan<'_>,
+    inserted: &[bool],
+) -> Result<HashMap<String, String>, sqlx::Error> {
+    let changes = plan.run_changes(inserted);
+    if changes.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let ids: Vec<&str> = changes.iter().map(|c| c.message_id.as_str()).collect();
+    let workflows: Vec<Option<&str>> = changes.iter().map(|c| c.workflow_id.as_deref()).collect();
+    let statuses: Vec<&str> = changes.iter().map(|c| c.status.as_str()).collect();
+    let ranks: Vec<i16> = changes.iter().map(|c| c.rank.as_i16()).collect();
+    let created: Vec<DateTime<Utc>> = changes.iter().map(|c| c.first_received_at).collect();
+    let updated: Vec<DateTime<Utc>> = changes.iter().map(|c| c.last_received_at).collect();
+    let completed: Vec<Option<DateTime<Utc>>> = changes.iter().map(|c| c.completed_at).collect();
+    let expires: Vec<Option<DateTime<Utc>>> = changes.iter().map(|c| c.expires_at).collect();
+    let results: Vec<Option<&str>> = changes.iter().map(|c| c.result.as_deref()).collect();
+    let assets: Vec<Option<&str>> = changes.iter().map(|c| c.assets_url.as_deref()).collect();
+    let errors: Vec<Option<&str>> = changes.iter().map(|c| c.error.as_deref()).collect();
+    // `advances` is true when the new status is further than the stored one. Only then do the
+    // fields that belong to a status (completion, result, assets, error) change; a late
+    // `processing` may still fill in a missing workflow_id or expiry.
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "insert into runs as r (message_id, workflow_id, status, status_rank, created_at, \
+                                updated_at, completed_at, expires_at, result, assets_url, error) \
+         select m, w, s, k, c, u, d, e, res::jsonb, a, er \
+         from unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::timestamptz[], \
+                     $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::text[], \
+                     $10::text[], $11::text[]) as t(m, w, s, k, c, u, d, e, res, a, er) \
+         on conflict (message_id) do update set \
+             status = case when excluded.status_rank > r.status_rank \
+                           then excluded.status else r.status end, \
+             status_rank = greatest(r.status_rank, excluded.status_rank), \
+             workflow_id = coalesce(r.workflow_id, excluded.workflow_id), \
+             updated_at = greatest(r.updated_at, excluded.updated_at), \
+             completed_at = case when excluded.status_rank > r.status_rank \
+                                 then excluded.completed_at else r.completed_at end, \
+             expires_at = case when excluded.status_rank > r.status_rank \
+                               then coalesce(excluded.expires_at, r.expires_at) \
+                               else coalesce(r.expires_at, excluded.expires_at) end, \
+             result = case when excluded.status_rank > r.status_rank \
+                           then excluded.result else r.result end, \
+             assets_url = case when excluded.status_rank > r.status_rank \
+                               then excluded.assets_url else r.assets_url end, \
+             error = case when excluded.status_rank > r.status_rank \
+                          then excluded.error else r.error end \
+         returning message_id, status",
+    )
+    .bind(&ids)
+    .bind(&workflows)
+    .bind(&statuses)
+    .bind(&ranks)
+    .bind(&created)
+    .bind(&updated)
+    .bind(&completed)
+    .bind(&expires)
+    .bind(&results)
+    .bind(&assets)
+    .bind(&errors)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+async fn flag_conflicts(
+    tx: &mut Transaction<'_, Postgres>,
+    plan: &BatchPlan<'_>,
+    conflicting: &[usize],
+) -> Result<(), sqlx::Error> {
+    let deliveries: Vec<_> = conflicting
+        .iter()
+        .map(|&g| plan.first(&plan.groups[g]))
+        .collect();
+    let ids: Vec<&str> = deliveries.iter().map(|d| d.message_id.as_str()).collect();
+    let statuses: Vec<&str> = deliveries.iter().map(|d| d.status.as_str()).collect();
+    sqlx::query(
+        "update events set conflicting_terminal = true \
+         where (message_id, status) in (select * from unnest($1::text[], $2::text[]))",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("update runs set conflicting_terminals = true where message_id = any($1)")
+        .bind(&ids)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+fn group_index<'a>(plan: &BatchPlan<'a>) -> HashMap<(&'a str, &'a str), usize> {
+    plan.groups
+        .iter()
+        .enumerate()
+        .map(|(g, group)| {
+            let first = plan.first(group);
+            ((first.message_id.as_str(), first.status.as_str()), g)
+        })
+        .collect()
+}
+
+fn is_retryable(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if matches!(db.code().as_deref(), Some("40P01") | Some("40001")))
+}
+
+const RUN_COLUMNS: &str = "message_id, workflow_id, status, created_at, updated_at, completed_at, \
+     expires_at, result::text, assets_url, error, triggered_here, conflicting_terminals, \
+     workflow_params::text, seq";
+
+type RunRow = (
+    String,
+    Option<String>,
+    String,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    bool,
+    bool,
+    Option<String>,
+    i64,
+);
+
+fn run_from_row(row: RunRow) -> Result<Run, StoreError> {
+    let (
+        message_id,
+        workflow_id,
+        status,
+        created_at,
+        updated_at,
+        completed_at,
+        expires_at,
+        result,
+        assets_url,
+        error,
+        triggered_here,
+        conflicting_terminals,
+        workflow_params,
+        seq,
+    ) = row;
+    Ok(Run {
+        message_id,
+        workflow_id,
+        status,
+        created_at,
+        updated_at,
+        completed_at,
+        expires_at,
+        result: raw_json(result)?,
+        assets_url,
+        error,
+        triggered_here,
+        conflicting_terminals,
+        workflow_params: raw_json(workflow_params)?,
+        seq,
+    })
+}
+
+pub(crate) fn raw_json(text: Option<String>) -> Result<Option<Box<RawValue>>, StoreError> {
+    text.map(RawValue::from_string)
+        .transpose()
+        .map_err(|error| StoreError::Internal(format!("stored JSON does not parse: {error}")))
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn record_deliveries(
+        &self,
+        deliveries: &[Delivery],
+    ) -> Result<Vec<DeliveryOutcome>, StoreError> {
+        if deliveries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let plan = BatchPlan::new(deliveries);
+        let mut attempt = 1;
+        loop {
+            match self.try_record(&plan).await {
+                Err(error) if is_retryable(&error) && attempt < MAX_ATTEMPTS => attempt += 1,
+                result => return result.map_err(StoreError::from),
+            }
+        }
+    }
+
+    async fn record_rejected_payload(&self, rejected: &RejectedPayload) -> Result<(), StoreError> {
+        sqlx::query(
+            "insert into rejected_payloads (received_at, key_id, reason, body) \
+             values ($1, $2, $3, $4)",
+        )
+        .bind(rejected.received_at)
+        .bind(&rejected.key_id)
+        .bind(&rejected.reason)
+        .bind(rejected.raw_body.as_ref())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_run(&self, message_id: &str) -> Result<Option<Run>, StoreError> {
+        let row: Option<RunRow> =
+            sqlx::query_as(&format!("select {RUN_COLUMNS} from runs where message_id = $1"))
+                .bind(message_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(run_from_row).transpose()
+    }
+
+    async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
+        // One statement per filter combination, so that each gets a plan that uses its index
+        // (a generic `$1 is null or ...` plan would not).
+        let mut sql = format!("select {RUN_COLUMNS} from runs where true");
+        let mut next_param = 1;
+        let mut param = |sql: &mut String, clause: &str| {
+            sql.push_str(&clause.replace('?', &format!("${next_param}")));
+            next_param += 1;
+        };
+        if query.workflow_id.is_some() {
+            param(&mut sql, " and workflow_id = ?");
+        }
+        if query.status.is_some() {
+            param(&mut sql, " and status = ?");
+        }
+        if query.after.is_some() {
+            param(&mut sql, " and seq < ?");
+        }
+        param(&mut sql, " order by seq desc limit ?");
+        let mut statement = sqlx::query_as::<_, RunRow>(&sql);
+        if let Some(workflow_id) = &query.workflow_id {
+            statement = statement.bind(workflow_id);
+        }
+        if let Some(status) = &query.status {
+            statement = statement.bind(status);
+        }
+        if let Some(after) = query.after {
+            statement = statement.bind(after.seq);
+        }
+        let limit = i64::from(query.limit.max(1));
+        let mut rows = statement.bind(limit + 1).fetch_all(&self.pool).await?;
+        let more = rows.len() as i64 > limit;
+        rows.truncate(limit as usize);
+        let runs = rows.into_iter().map(run_from_row).collect::<Result<Vec<_>, _>>()?;
+        let next = if more {
+            runs.last().map(|run| RunCursor { seq: run.seq })
+        } else {
+            None
+        };
+        Ok(RunPage { runs, next })
+    }
+
+    async fn list_events(&self, message_id: &str) -> Result<Vec<Event>, StoreError> {
+        type EventRow = (String, DateTime<Utc>, i64, i64, bool, String, DateTime<Utc>, String);
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "select status, received_at, duplicates, differing_duplicates, conflicting_terminal, \
+                    key_id, last_received_at, payload \
+             from events where message_id = $1 order by id",
+        )
+        .bind(message_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(status, received_at, duplicates, differing, conflicting, key_id, last, payload)| {
+                Ok(Event {
+                    status,
+                    received_at,
+                    duplicates,
+                    differing_duplicates: differing,
+                    conflicting_terminal: conflicting,
+                    key_id,
+                    last_received_at: last,
+                    payload: RawValue::from_string(payload).map_err(|error| {
+                        StoreError::Internal(format!("stored payload does not parse: {error}"))
+                    })?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_triggered_run(&self, run: &TriggeredRun) -> Result<(), StoreError> {
+        // A callback may have created the run already (Nen can call back before its 202
+        // reaches us): then only mark it as ours, never touch its status.
+        sqlx::query(
+            "insert into runs as r (message_id, workflow_id, status, status_rank, created_at, \
+                                    updated_at, triggered_here, workflow_params) \
+             values ($1, $2, 'submitted', 0, $3, $3, true, $4::jsonb) \
+             on conflict (message_id) do update set \
+                 triggered_here = true, \
+                 workflow_id = coalesce(r.workflow_id, excluded.workflow_id), \
+                 workflow_params = coalesce(excluded.workflow_params, r.workflow_params), \
+                 created_at = least(r.created_at, excluded.created_at)",
+        )
+        .bind(&run.message_id)
+        .bind(&run.workflow_id)
+        .bind(run.created_at)
+        .bind(run.workflow_params.as_deref())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn claim_idempotency_key(
+        &self,
+        claim: &IdempotencyClaim,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("delete from idempotency_keys where key = $1 and expires_at <= $2")
+            .bind(&claim.key)
+            .bind(claim.now)
+            .execute(&mut *tx)
+            .await?;
+        // Waits for a concurrent claim of the same key to commit, then does nothing: exactly
+        // one request across every replica gets `Claimed`.
+        let claimed = sqlx::query(
+            "insert into idempotency_keys (key, request_sha256, created_at, expires_at) \
+             values ($1, $2, $3, $4) on conflict (key) do nothing",
+        )
+        .bind(&claim.key)
+        .bind(claim.request_sha256.as_slice())
+        .bind(claim.now)
+        .bind(claim.expires_at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        let outcome = if claimed {
+            ClaimOutcome::Claimed
+        } else {
+            let (hash, status, body): (Vec<u8>, Option<i16>, Option<String>) = sqlx::query_as(
+                "select request_sha256, response_status, response_body \
+                 from idempotency_keys where key = $1",
+            )
+            .bind(&claim.key)
+            .fetch_one(&mut *tx)
+            .await?;
+            if hash.as_slice() != claim.request_sha256.as_slice() {
+                ClaimOutcome::Conflict
+            } else if let (Some(status), Some(body)) = (status, body) {
+                ClaimOutcome::Completed(StoredResponse {
+                    status: status as u16,
+                    body,
+                })
+            } else {
+                ClaimOutcome::InProgress
+            }
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn complete_idempotency_key(
+        &self,
+        key: &str,
+        response: &StoredResponse,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "update idempotency_keys set response_status = $2, response_body = $3 where key = $1",
+        )
+        .bind(key)
+        .bind(response.status as i16)
+        .bind(&response.body)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn release_idempotency_key(&self, key: &str) -> Result<(), StoreError> {
+        sqlx::query("delete from idempotency_keys where key = $1 and response_status is null")
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("select 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
