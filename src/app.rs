@@ -63,6 +63,8 @@ impl Application {
         settings: Settings,
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Self> {
+        // Install the recorder before anything records, so no early sample is lost.
+        crate::telemetry::prometheus();
         let listener = TcpListener::bind(settings.bind)
             .await
             .with_context(|| format!("cannot listen on {} (NEN_RELAY_BIND)", settings.bind))?;
@@ -92,7 +94,9 @@ impl Application {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     pub fn port(&self) -> u16 {

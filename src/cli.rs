@@ -93,7 +93,11 @@ pub fn sign(args: SignArgs) -> anyhow::Result<()> {
         Some(secret) => secret,
         None => {
             let settings = Settings::load()?;
-            if settings.generated.iter().any(|(name, _)| *name == "NEN_WEBHOOK_SECRETS") {
+            if settings
+                .generated
+                .iter()
+                .any(|(name, _)| *name == "NEN_WEBHOOK_SECRETS")
+            {
                 anyhow::bail!("give --secret, or set NEN_WEBHOOK_SECRETS");
             }
             settings.webhook_secrets[0].expose_secret().to_owned()
@@ -102,7 +106,8 @@ pub fn sign(args: SignArgs) -> anyhow::Result<()> {
     let mut body = Vec::new();
     match args.file {
         Some(path) => {
-            body = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?
+            body =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?
         }
         None => {
             std::io::stdin()

@@ -333,7 +333,10 @@ fn named_variables(variables: &BTreeMap<String, String>) -> Result<Dict, ConfigE
 fn tuning_variables(variables: &BTreeMap<String, String>) -> Dict {
     let mut root = Dict::new();
     for (name, text) in variables {
-        let Some(rest) = name.strip_prefix("NEN_RELAY_").filter(|rest| rest.contains("__")) else {
+        let Some(rest) = name
+            .strip_prefix("NEN_RELAY_")
+            .filter(|rest| rest.contains("__"))
+        else {
             continue;
         };
         let key = rest.to_ascii_lowercase().replace("__", ".");
@@ -371,7 +374,12 @@ impl RawSettings {
         let mut generated = Vec::new();
 
         let bind_text = self.bind.unwrap_or_else(|| {
-            if production { "0.0.0.0:8080" } else { "127.0.0.1:8080" }.to_owned()
+            if production {
+                "0.0.0.0:8080"
+            } else {
+                "127.0.0.1:8080"
+            }
+            .to_owned()
         });
         let bind: SocketAddr = bind_text.parse().map_err(|_| {
             ConfigError::Invalid(format!(
@@ -381,13 +389,14 @@ impl RawSettings {
 
         let database_url = match self.database_url {
             Some(url) => url,
-            None if production => {
-                "sqlite:///var/lib/nen-relay/nen-relay.db".to_owned()
-            }
+            None if production => "sqlite:///var/lib/nen-relay/nen-relay.db".to_owned(),
             None => "sqlite://data/nen-relay.db".to_owned(),
         };
-        crate::store::Backend::from_url(&database_url)
-            .map_err(|_| ConfigError::Invalid("DATABASE_URL must start with postgres://, postgresql:// or sqlite://".into()))?;
+        crate::store::Backend::from_url(&database_url).map_err(|_| {
+            ConfigError::Invalid(
+                "DATABASE_URL must start with postgres://, postgresql:// or sqlite://".into(),
+            )
+        })?;
 
         let webhook_secrets = required_list(
             self.webhook_secrets,
@@ -410,7 +419,10 @@ impl RawSettings {
             .transpose()?;
         let base_url = parse_url(
             "NEN_API_BASE_URL",
-            self.nen.base_url.as_deref().unwrap_or("https://api.getnen.ai"),
+            self.nen
+                .base_url
+                .as_deref()
+                .unwrap_or("https://api.getnen.ai"),
         )?;
 
         let log_format = self.log_format.unwrap_or(if production {
@@ -420,18 +432,25 @@ impl RawSettings {
         });
 
         if self.webhook.max_body_bytes == 0 {
-            return Err(ConfigError::Invalid("webhook.max_body_bytes must be positive".into()));
+            return Err(ConfigError::Invalid(
+                "webhook.max_body_bytes must be positive".into(),
+            ));
         }
         if self.ingest.writers == 0 || self.ingest.max_batch == 0 || self.ingest.queue_capacity == 0
         {
             return Err(ConfigError::Invalid(
-                "ingest.writers, ingest.max_batch and ingest.queue_capacity must be positive".into(),
+                "ingest.writers, ingest.max_batch and ingest.queue_capacity must be positive"
+                    .into(),
             ));
         }
 
         let defaults = StoreOptions::default();
         let store = StoreOptions {
-            max_connections: self.store.max_connections.unwrap_or(defaults.max_connections).max(1),
+            max_connections: self
+                .store
+                .max_connections
+                .unwrap_or(defaults.max_connections)
+                .max(1),
             acquire_timeout: millis(self.store.acquire_timeout_ms, defaults.acquire_timeout),
             statement_timeout: millis(self.store.statement_timeout_ms, defaults.statement_timeout),
         };
@@ -456,7 +475,10 @@ impl RawSettings {
             migrate_on_start: self.store.migrate_on_start.unwrap_or(true),
             ingest: self.ingest,
             http: HttpSettings {
-                header_read_timeout: millis(self.http.header_read_timeout_ms, Duration::from_secs(10)),
+                header_read_timeout: millis(
+                    self.http.header_read_timeout_ms,
+                    Duration::from_secs(10),
+                ),
                 request_timeout: millis(self.http.request_timeout_ms, Duration::from_secs(60)),
                 shutdown_timeout: millis(self.http.shutdown_timeout_ms, Duration::from_secs(20)),
                 max_in_flight: self.http.max_in_flight.unwrap_or(4096).max(1),
@@ -499,7 +521,9 @@ fn parse_url(name: &str, text: &str) -> Result<Url, ConfigError> {
     let url = Url::parse(text)
         .map_err(|error| ConfigError::Invalid(format!("{name} is not a URL ({error})")))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(ConfigError::Invalid(format!("{name} must be an http:// or https:// URL")));
+        return Err(ConfigError::Invalid(format!(
+            "{name} must be an http:// or https:// URL"
+        )));
     }
     Ok(url)
 }
@@ -518,7 +542,10 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn no_files() -> PathBuf {
@@ -529,7 +556,10 @@ mod tests {
     fn local_defaults_work_without_any_variable() {
         let settings = Settings::from_sources(Environment::Local, &no_files(), &vars(&[])).unwrap();
         assert_eq!(settings.bind.to_string(), "127.0.0.1:8080");
-        assert!(settings.database_url.expose_secret().starts_with("sqlite://"));
+        assert!(settings
+            .database_url
+            .expose_secret()
+            .starts_with("sqlite://"));
         assert_eq!(settings.webhook_secrets.len(), 1);
         assert_eq!(settings.generated.len(), 2);
         assert_eq!(settings.log_format, LogFormat::Pretty);
@@ -550,7 +580,10 @@ mod tests {
             &vars(&[("NEN_WEBHOOK_SECRETS", "s")]),
         )
         .unwrap_err();
-        assert!(error.to_string().contains("NEN_RELAY_API_TOKENS"), "{error}");
+        assert!(
+            error.to_string().contains("NEN_RELAY_API_TOKENS"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -558,7 +591,10 @@ mod tests {
         let settings = Settings::from_sources(
             Environment::Production,
             &no_files(),
-            &vars(&[("NEN_WEBHOOK_SECRETS", "12345, abc ,"), ("NEN_RELAY_API_TOKENS", "42")]),
+            &vars(&[
+                ("NEN_WEBHOOK_SECRETS", "12345, abc ,"),
+                ("NEN_RELAY_API_TOKENS", "42"),
+            ]),
         )
         .unwrap();
         let secrets: Vec<&str> = secrets_as_strs(&settings.webhook_secrets).collect();
@@ -591,7 +627,10 @@ mod tests {
             &vars(&[("NEN_API_KEY_FILE", "/nonexistent/key")]),
         )
         .unwrap_err();
-        assert!(missing.to_string().contains("NEN_API_KEY_FILE"), "{missing}");
+        assert!(
+            missing.to_string().contains("NEN_API_KEY_FILE"),
+            "{missing}"
+        );
     }
 
     #[test]
@@ -603,8 +642,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.path().join("local.toml"), "[ingest]\nwriters = 3\n").unwrap();
-        let settings =
-            Settings::from_sources(Environment::Local, dir.path(), &vars(&[])).unwrap();
+        let settings = Settings::from_sources(Environment::Local, dir.path(), &vars(&[])).unwrap();
         assert_eq!(settings.bind.port(), 9000);
         assert_eq!((settings.ingest.max_batch, settings.ingest.writers), (7, 3));
         let settings = Settings::from_sources(
@@ -639,7 +677,10 @@ mod tests {
         let settings = Settings::from_sources(
             Environment::Local,
             &no_files(),
-            &vars(&[("NEN_WEBHOOK_SECRETS", "whsec-visible"), ("NEN_API_KEY", "key-visible")]),
+            &vars(&[
+                ("NEN_WEBHOOK_SECRETS", "whsec-visible"),
+                ("NEN_API_KEY", "key-visible"),
+            ]),
         )
         .unwrap();
         let debug = format!("{settings:?}");

@@ -144,7 +144,10 @@ impl IntoResponse for ApiError {
         let headers = response.headers_mut();
         match self {
             ApiError::Unavailable(_) | ApiError::NotConfigured(_) => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(RETRY_AFTER_SECONDS),
+                );
             }
             ApiError::Unauthorized => {
                 headers.insert(

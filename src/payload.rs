@@ -12,6 +12,9 @@ use serde_json::value::RawValue;
 pub const MAX_MESSAGE_ID_LEN: usize = 200;
 /// Longest `status` accepted.
 pub const MAX_STATUS_LEN: usize = 64;
+/// Deeper `result`s stay in the raw body only: databases refuse to index absurdly deep JSON,
+/// and one such delivery must not fail the batch it is written with.
+pub const MAX_RESULT_DEPTH: usize = 64;
 
 /// The fields of a callback that nen-relay understands.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,10 +68,12 @@ struct Wire<'a> {
 pub fn parse_callback(body: &[u8]) -> Result<ParsedCallback, PayloadError> {
     // serde would read a JSON array into the struct positionally: insist on an object.
     if !body.trim_ascii_start().starts_with(b"{") {
-        return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
-            Ok(_) => PayloadError::NotAnObject,
-            Err(error) => PayloadError::NotJson(error.to_string()),
-        });
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Ok(_) => PayloadError::NotAnObject,
+                Err(error) => PayloadError::NotJson(error.to_string()),
+            },
+        );
     }
     let wire: Wire = serde_json::from_slice(body).map_err(|error| match error.classify() {
         // A type error inside an object, e.g. a duplicated field.
@@ -82,7 +87,10 @@ pub fn parse_callback(body: &[u8]) -> Result<ParsedCallback, PayloadError> {
         status,
         workflow_id: optional_string(wire.workflow_id),
         expires_at: wire.expires_at.and_then(timestamp),
-        result: wire.result.filter(|raw| raw.get() != "null").map(|raw| raw.get().to_owned()),
+        result: wire
+            .result
+            .filter(|raw| raw.get() != "null" && nesting_depth(raw.get()) <= MAX_RESULT_DEPTH)
+            .map(|raw| raw.get().to_owned()),
         assets_url: optional_string(wire.assets).or_else(|| optional_string(wire.assets_url)),
         error: wire.error.and_then(error_text),
     })
@@ -114,7 +122,11 @@ fn timestamp(raw: &RawValue) -> Option<DateTime<Utc>> {
             return None;
         }
         // Above 10^11 seconds is year 5138: read it as milliseconds instead.
-        let millis = if number.abs() >= 1e11 { number } else { number * 1000.0 };
+        let millis = if number.abs() >= 1e11 {
+            number
+        } else {
+            number * 1000.0
+        };
         if millis.abs() > 8.2e15 {
             return None; // beyond chrono's range
         }
@@ -124,6 +136,32 @@ fn timestamp(raw: &RawValue) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(&text)
         .ok()
         .map(|time| time.with_timezone(&Utc))
+}
+
+/// How deeply arrays and objects nest in a JSON text (brackets inside strings do not count).
+fn nesting_depth(json: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for byte in json.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// `error` is documented as the exception message; any other JSON is kept as its text.
@@ -194,7 +232,10 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_a_callback() {
-        assert!(matches!(parse_callback(b"not json"), Err(PayloadError::NotJson(_))));
+        assert!(matches!(
+            parse_callback(b"not json"),
+            Err(PayloadError::NotJson(_))
+        ));
         assert_eq!(parse_callback(b"[1,2]"), Err(PayloadError::NotAnObject));
         assert_eq!(
             parse_callback(br#"{"status":"processing"}"#),
@@ -210,16 +251,39 @@ mod tests {
         );
         assert!(matches!(
             parse_callback(br#"{"message_id":"","status":"processing"}"#),
-            Err(PayloadError::BadLength { field: "message_id", .. })
+            Err(PayloadError::BadLength {
+                field: "message_id",
+                ..
+            })
         ));
-        let long = format!(r#"{{"message_id":"{}","status":"processing"}}"#, "x".repeat(201));
+        let long = format!(
+            r#"{{"message_id":"{}","status":"processing"}}"#,
+            "x".repeat(201)
+        );
         assert!(matches!(
             parse_callback(long.as_bytes()),
-            Err(PayloadError::BadLength { field: "message_id", .. })
+            Err(PayloadError::BadLength {
+                field: "message_id",
+                ..
+            })
         ));
+    }
+
+    #[test]
+    fn deep_nesting_is_kept_raw_but_not_read_as_the_result() {
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
-        let nested = format!(r#"{{"message_id":"m","status":"s","x":{deep}}}"#);
-        assert!(parse_callback(nested.as_bytes()).is_err());
+        let ignored = format!(r#"{{"message_id":"m","status":"s","x":{deep}}}"#);
+        assert_eq!(parse_callback(ignored.as_bytes()).unwrap().message_id, "m");
+        let as_result = format!(r#"{{"message_id":"m","status":"s","result":{deep}}}"#);
+        assert_eq!(parse_callback(as_result.as_bytes()).unwrap().result, None);
+        let shallow = r#"{"message_id":"m","status":"s","result":{"a":[{"b":"]]]"}]}}"#;
+        assert_eq!(
+            parse_callback(shallow.as_bytes())
+                .unwrap()
+                .result
+                .as_deref(),
+            Some(r#"{"a":[{"b":"]]]"}]}"#)
+        );
     }
 
     proptest! {

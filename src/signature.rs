@@ -99,7 +99,8 @@ impl WebhookKeys {
                 let bytes = secret.expose_secret().as_bytes();
                 WebhookKey {
                     id: key_id(bytes),
-                    mac: HmacSha256::new_from_slice(bytes).expect("HMAC accepts keys of any length"),
+                    mac: HmacSha256::new_from_slice(bytes)
+                        .expect("HMAC accepts keys of any length"),
                 }
             })
             .collect();
@@ -176,7 +177,11 @@ mod tests {
             (format!("sha256= {}", &hex64[..63]), NotHex),
         ];
         for (value, reason) in cases {
-            assert_eq!(SignatureHeader::parse(value.as_bytes()), Err(reason), "{value:?}");
+            assert_eq!(
+                SignatureHeader::parse(value.as_bytes()),
+                Err(reason),
+                "{value:?}"
+            );
         }
     }
 
@@ -187,8 +192,14 @@ mod tests {
         let by_new = SignatureHeader::parse(sign(b"new-secret", body).as_bytes()).unwrap();
         let by_old = SignatureHeader::parse(sign(b"old-secret", body).as_bytes()).unwrap();
         let by_other = SignatureHeader::parse(sign(b"other", body).as_bytes()).unwrap();
-        assert_eq!(keys.verify(&by_new, body), Some(key_id(b"new-secret").as_str()));
-        assert_eq!(keys.verify(&by_old, body), Some(key_id(b"old-secret").as_str()));
+        assert_eq!(
+            keys.verify(&by_new, body),
+            Some(key_id(b"new-secret").as_str())
+        );
+        assert_eq!(
+            keys.verify(&by_old, body),
+            Some(key_id(b"old-secret").as_str())
+        );
         assert_eq!(keys.verify(&by_other, body), None);
         assert_eq!(keys.verify(&by_new, b"{}"), None);
     }

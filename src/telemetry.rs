@@ -51,9 +51,8 @@ pub fn prometheus() -> &'static PrometheusHandle {
             .expect("bucket lists are non-empty");
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
-        // Another recorder may already be installed (tests build many apps in one process);
-        // then this handle still renders what this recorder sees, which is nothing. Tests that
-        // read metrics go through the first app's handle, which is the installed one.
+        // Fails only if a recorder is already installed, which only a host program embedding
+        // this library could have done; its recorder then keeps receiving the metrics.
         let _ = metrics::set_global_recorder(recorder);
         handle
     })

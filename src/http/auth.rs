@@ -85,7 +85,8 @@ mod tests {
 
     #[test]
     fn accepts_only_whole_configured_tokens() {
-        let tokens = ApiTokens::new(&[SecretString::from("token-a"), SecretString::from("token-b")]);
+        let tokens =
+            ApiTokens::new(&[SecretString::from("token-a"), SecretString::from("token-b")]);
         assert!(tokens.accepts(b"token-a"));
         assert!(tokens.accepts(b"token-b"));
         assert!(!tokens.accepts(b"token-"));

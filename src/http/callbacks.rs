@@ -148,7 +148,9 @@ async fn read_body(
             if too_large {
                 Err(ApiError::PayloadTooLarge { limit })
             } else {
-                Err(ApiError::InvalidPayload("the request body could not be read".into()))
+                Err(ApiError::InvalidPayload(
+                    "the request body could not be read".into(),
+                ))
             }
         }
     }
@@ -165,7 +167,8 @@ fn verify_signature<'a>(
     let (Some(value), None) = (values.next(), values.next()) else {
         return Err(ApiError::InvalidSignature);
     };
-    let header = SignatureHeader::parse(value.as_bytes()).map_err(|_| ApiError::InvalidSignature)?;
+    let header =
+        SignatureHeader::parse(value.as_bytes()).map_err(|_| ApiError::InvalidSignature)?;
     state
         .webhook_keys
         .verify(&header, body)

@@ -24,7 +24,9 @@ pub async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, 
     match tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await {
         Ok(Ok(())) => Ok(Json(json!({"status": "ready"}))),
         Ok(Err(error)) => Err(ApiError::Unavailable(format!("store: {error}"))),
-        Err(_) => Err(ApiError::Unavailable("store did not answer within 1 s".into())),
+        Err(_) => Err(ApiError::Unavailable(
+            "store did not answer within 1 s".into(),
+        )),
     }
 }
 

@@ -88,7 +88,9 @@ pub async fn list_events(
 ) -> Result<Json<EventList>, ApiError> {
     let events = state.store.list_events(&message_id).await?;
     if events.is_empty() && state.store.get_run(&message_id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("no run with message_id {message_id:?}")));
+        return Err(ApiError::NotFound(format!(
+            "no run with message_id {message_id:?}"
+        )));
     }
     Ok(Json(EventList { events }))
 }

@@ -47,7 +47,9 @@ impl Writers {
     pub async fn drain(mut self, limit: Duration) {
         let all = async { while self.tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(limit, all).await.is_err() {
-            tracing::warn!("ingest writers did not drain in time; unanswered callbacks will be retried by Nen");
+            tracing::warn!(
+                "ingest writers did not drain in time; unanswered callbacks will be retried by Nen"
+            );
         }
     }
 }
@@ -124,17 +126,7 @@ impl Writer {
         let (deliveries, replies): (Vec<Delivery>, Vec<_>) =
             batch.drain(..).map(|job| (job.delivery, job.reply)).unzip();
         let started = Instant::now();
-        let result =
-            match tokio::time::timeout(self.store_timeout, self.store.record_deliveries(&deliveries))
-                .await
-            {
-                Ok(result) => result,
-                Err(_) => Err(StoreError::Unavailable(format!(
-                    "writing {} callbacks took longer than {:?}",
-                    deliveries.len(),
-                    self.store_timeout
-                ))),
-            };
+        let result = self.record(&deliveries).await;
         metrics::record_batch(deliveries.len(), started.elapsed().as_secs_f64());
         match result {
             Ok(outcomes) => {
@@ -142,16 +134,51 @@ impl Writer {
                     let _ = reply.send(Ok(outcome));
                 }
             }
+            Err(StoreError::Internal(detail)) if deliveries.len() > 1 => {
+                // Not a transient failure: perhaps one delivery the database refuses. Write
+                // each alone, so that one bad delivery cannot fail the others with it.
+                tracing::warn!(batch = deliveries.len(), error = %detail, "batch failed; writing its callbacks one by one");
+                for (delivery, reply) in deliveries.into_iter().zip(replies) {
+                    let single = std::slice::from_ref(&delivery);
+                    let result = self
+                        .record(single)
+                        .await
+                        .map(|mut outcomes| outcomes.remove(0));
+                    if let Err(error) = &result {
+                        metrics::record_ingest_failure(failure_reason(error));
+                    }
+                    let _ = reply.send(result);
+                }
+            }
             Err(error) => {
-                metrics::record_ingest_failure(match &error {
-                    StoreError::Unavailable(_) => "unavailable",
-                    StoreError::Internal(_) => "internal",
-                });
+                metrics::record_ingest_failure(failure_reason(&error));
                 tracing::warn!(batch = deliveries.len(), %error, "could not record callbacks");
                 for reply in replies {
                     let _ = reply.send(Err(error.clone()));
                 }
             }
         }
+    }
+}
+
+impl Writer {
+    async fn record(&self, deliveries: &[Delivery]) -> Result<Vec<DeliveryOutcome>, StoreError> {
+        match tokio::time::timeout(self.store_timeout, self.store.record_deliveries(deliveries))
+            .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "writing {} callbacks took longer than {:?}",
+                deliveries.len(),
+                self.store_timeout
+            ))),
+        }
+    }
+}
+
+fn failure_reason(error: &StoreError) -> &'static str {
+    match error {
+        StoreError::Unavailable(_) => "unavailable",
+        StoreError::Internal(_) => "internal",
     }
 }

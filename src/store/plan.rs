@@ -114,7 +114,8 @@ impl<'a> BatchPlan<'a> {
                         further.expires_at = further.expires_at.or(change.expires_at);
                         *change = further;
                     } else {
-                        change.workflow_id = change.workflow_id.take().or(delivery.workflow_id.clone());
+                        change.workflow_id =
+                            change.workflow_id.take().or(delivery.workflow_id.clone());
                         change.expires_at = change.expires_at.or(delivery.expires_at);
                     }
                 }
@@ -228,9 +229,18 @@ mod tests {
         ];
         let plan = BatchPlan::new(&batch);
         assert_eq!(plan.groups.len(), 3);
-        assert_eq!(plan.groups[0], Group { first: 0, repeats: vec![2, 4] });
+        assert_eq!(
+            plan.groups[0],
+            Group {
+                first: 0,
+                repeats: vec![2, 4]
+            }
+        );
         assert_eq!(plan.differing_repeats(&plan.groups[0]), 1);
-        assert_eq!(plan.last_received_at(&plan.groups[0]).timestamp(), 1_700_000_004);
+        assert_eq!(
+            plan.last_received_at(&plan.groups[0]).timestamp(),
+            1_700_000_004
+        );
     }
 
     #[test]
@@ -254,17 +264,26 @@ mod tests {
 
     #[test]
     fn the_first_of_two_terminals_wins_and_the_second_conflicts() {
-        let batch = [delivery("a", "success", "1", 0), delivery("a", "failed", "2", 1)];
+        let batch = [
+            delivery("a", "success", "1", 0),
+            delivery("a", "failed", "2", 1),
+        ];
         let plan = BatchPlan::new(&batch);
         let changes = plan.run_changes(&[true, true]);
         assert_eq!(changes[0].status, "success");
         let final_status = HashMap::from([("a".to_owned(), "success".to_owned())]);
-        assert_eq!(plan.conflicting_terminals(&[true, true], &final_status), vec![1]);
+        assert_eq!(
+            plan.conflicting_terminals(&[true, true], &final_status),
+            vec![1]
+        );
     }
 
     #[test]
     fn only_inserted_groups_change_runs() {
-        let batch = [delivery("a", "processing", "1", 0), delivery("b", "success", "2", 1)];
+        let batch = [
+            delivery("a", "processing", "1", 0),
+            delivery("b", "success", "2", 1),
+        ];
         let plan = BatchPlan::new(&batch);
         let changes = plan.run_changes(&[false, true]);
         assert_eq!(changes.len(), 1);
@@ -283,10 +302,19 @@ mod tests {
         let plan = BatchPlan::new(&batch);
         let stored_b: [u8; 32] = Sha256::digest(b"other").into();
         let outcomes = plan.outcomes(&[true, false], &[None, Some(stored_b)], &[]);
-        let flags: Vec<(bool, bool)> = outcomes.iter().map(|o| (o.duplicate, o.body_differs)).collect();
+        let flags: Vec<(bool, bool)> = outcomes
+            .iter()
+            .map(|o| (o.duplicate, o.body_differs))
+            .collect();
         assert_eq!(
             flags,
-            vec![(false, false), (true, false), (true, true), (true, true), (true, true)]
+            vec![
+                (false, false),
+                (true, false),
+                (true, true),
+                (true, true),
+                (true, true)
+            ]
         );
     }
 }

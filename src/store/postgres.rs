@@ -407,11 +407,12 @@ impl Store for PostgresStore {
     }
 
     async fn get_run(&self, message_id: &str) -> Result<Option<Run>, StoreError> {
-        let row: Option<RunRow> =
-            sqlx::query_as(&format!("select {RUN_COLUMNS} from runs where message_id = $1"))
-                .bind(message_id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row: Option<RunRow> = sqlx::query_as(&format!(
+            "select {RUN_COLUMNS} from runs where message_id = $1"
+        ))
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(run_from_row).transpose()
     }
 
@@ -448,7 +449,10 @@ impl Store for PostgresStore {
         let mut rows = statement.bind(limit + 1).fetch_all(&self.pool).await?;
         let more = rows.len() as i64 > limit;
         rows.truncate(limit as usize);
-        let runs = rows.into_iter().map(run_from_row).collect::<Result<Vec<_>, _>>()?;
+        let runs = rows
+            .into_iter()
+            .map(run_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
         let next = if more {
             runs.last().map(|run| RunCursor { seq: run.seq })
         } else {
@@ -458,7 +462,16 @@ impl Store for PostgresStore {
     }
 
     async fn list_events(&self, message_id: &str) -> Result<Vec<Event>, StoreError> {
-        type EventRow = (String, DateTime<Utc>, i64, i64, bool, String, DateTime<Utc>, String);
+        type EventRow = (
+            String,
+            DateTime<Utc>,
+            i64,
+            i64,
+            bool,
+            String,
+            DateTime<Utc>,
+            String,
+        );
         let rows: Vec<EventRow> = sqlx::query_as(
             "select status, received_at, duplicates, differing_duplicates, conflicting_terminal, \
                     key_id, last_received_at, payload \
@@ -468,20 +481,31 @@ impl Store for PostgresStore {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
-            .map(|(status, received_at, duplicates, differing, conflicting, key_id, last, payload)| {
-                Ok(Event {
+            .map(
+                |(
                     status,
                     received_at,
                     duplicates,
-                    differing_duplicates: differing,
-                    conflicting_terminal: conflicting,
+                    differing,
+                    conflicting,
                     key_id,
-                    last_received_at: last,
-                    payload: RawValue::from_string(payload).map_err(|error| {
-                        StoreError::Internal(format!("stored payload does not parse: {error}"))
-                    })?,
-                })
-            })
+                    last,
+                    payload,
+                )| {
+                    Ok(Event {
+                        status,
+                        received_at,
+                        duplicates,
+                        differing_duplicates: differing,
+                        conflicting_terminal: conflicting,
+                        key_id,
+                        last_received_at: last,
+                        payload: RawValue::from_string(payload).map_err(|error| {
+                            StoreError::Internal(format!("stored payload does not parse: {error}"))
+                        })?,
+                    })
+                },
+            )
             .collect()
     }
 

@@ -9,11 +9,15 @@ pub struct SqliteStore;
 
 impl SqliteStore {
     pub async fn connect(_url: &str, _options: &StoreOptions) -> Result<Self, StoreError> {
-        Err(StoreError::Internal("the SQLite store is not implemented yet".into()))
+        Err(StoreError::Internal(
+            "the SQLite store is not implemented yet".into(),
+        ))
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        Err(StoreError::Internal("the SQLite store is not implemented yet".into()))
+        Err(StoreError::Internal(
+            "the SQLite store is not implemented yet".into(),
+        ))
     }
 }
 
@@ -37,10 +41,17 @@ impl Store for SqliteStore {
     async fn record_triggered_run(&self, _: &TriggeredRun) -> Result<(), StoreError> {
         unimplemented!()
     }
-    async fn claim_idempotency_key(&self, _: &IdempotencyClaim) -> Result<ClaimOutcome, StoreError> {
+    async fn claim_idempotency_key(
+        &self,
+        _: &IdempotencyClaim,
+    ) -> Result<ClaimOutcome, StoreError> {
         unimplemented!()
     }
-    async fn complete_idempotency_key(&self, _: &str, _: &StoredResponse) -> Result<(), StoreError> {
+    async fn complete_idempotency_key(
+        &self,
+        _: &str,
+        _: &StoredResponse,
+    ) -> Result<(), StoreError> {
         unimplemented!()
     }
     async fn release_idempotency_key(&self, _: &str) -> Result<(), StoreError> {

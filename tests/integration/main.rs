@@ -1,0 +1,5 @@
+//! One integration test binary: shared helpers in `support`, one file per area.
+
+mod support;
+
+mod callbacks;
