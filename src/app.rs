@@ -172,11 +172,14 @@ impl Application {
 /// The whole HTTP surface with its middleware.
 pub fn router(state: AppState) -> Router {
     let max_in_flight = state.settings.http.max_in_flight;
+    // Everything under /v1, unknown paths included, needs a token: a caller without one learns
+    // nothing about which routes exist.
     let v1 = Router::new()
-        .route("/v1/runs", get(runs::list_runs))
-        .route("/v1/runs/{message_id}", get(runs::get_run))
-        .route("/v1/runs/{message_id}/events", get(runs::list_events))
-        .route_layer(middleware::from_fn_with_state(
+        .route("/runs", get(runs::list_runs))
+        .route("/runs/{message_id}", get(runs::get_run))
+        .route("/runs/{message_id}/events", get(runs::list_events))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
         ));
@@ -185,7 +188,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
-        .merge(v1)
+        .nest("/v1", v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -152,7 +152,6 @@ struct RawStore {
 #[serde(default, deny_unknown_fields)]
 struct RawHttp {
     header_read_timeout_ms: Option<u64>,
-    request_timeout_ms: Option<u64>,
     shutdown_timeout_ms: Option<u64>,
     max_in_flight: Option<usize>,
 }
@@ -223,8 +222,6 @@ pub struct NenSettings {
 pub struct HttpSettings {
     /// A client that has not sent its request headers by then is disconnected.
     pub header_read_timeout: Duration,
-    /// Whole-request cap for every route but the callback one (which has its own budget).
-    pub request_timeout: Duration,
     /// How long a shutdown waits for in-flight requests.
     pub shutdown_timeout: Duration,
     /// Requests handled at once; beyond it the service answers 503 instead of queueing.
@@ -479,7 +476,6 @@ impl RawSettings {
                     self.http.header_read_timeout_ms,
                     Duration::from_secs(10),
                 ),
-                request_timeout: millis(self.http.request_timeout_ms, Duration::from_secs(60)),
                 shutdown_timeout: millis(self.http.shutdown_timeout_ms, Duration::from_secs(20)),
                 max_in_flight: self.http.max_in_flight.unwrap_or(4096).max(1),
             },
@@ -652,6 +648,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(settings.bind.port(), 9001);
+    }
+
+    #[test]
+    fn the_shipped_config_files_parse_and_match_the_built_in_defaults() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        for environment in [Environment::Local, Environment::Production] {
+            let shipped = Settings::from_sources(
+                environment,
+                &dir,
+                &vars(&[("NEN_WEBHOOK_SECRETS", "s"), ("NEN_RELAY_API_TOKENS", "t")]),
+            )
+            .unwrap();
+            let built_in = Settings::from_sources(
+                environment,
+                &no_files(),
+                &vars(&[("NEN_WEBHOOK_SECRETS", "s"), ("NEN_RELAY_API_TOKENS", "t")]),
+            )
+            .unwrap();
+            assert_eq!(format!("{shipped:?}"), format!("{built_in:?}"));
+        }
     }
 
     #[test]

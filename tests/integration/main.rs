@@ -3,3 +3,5 @@
 mod support;
 
 mod callbacks;
+mod operations;
+mod query;

@@ -89,7 +89,7 @@ impl TestApp {
     }
 
     /// Sends SIGTERM's equivalent and waits for the server to finish in-flight work.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
