@@ -126,9 +126,16 @@ impl From<crate::store::StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
-            // The detail stays in the log; the body says only what the caller can act on.
-            tracing::error!(error.code = self.code(), error.detail = %self, "request failed");
+        // The detail stays in the log; the body says only what the caller can act on.
+        match &self {
+            // Expected during an outage or a flood, and answered so that the caller retries.
+            ApiError::Unavailable(_) | ApiError::NotConfigured(_) => {
+                tracing::warn!(error.code = self.code(), error.detail = %self, "request not served")
+            }
+            _ if status.is_server_error() => {
+                tracing::error!(error.code = self.code(), error.detail = %self, "request failed")
+            }
+            _ => {}
         }
         let (nen_status, nen_error) = match &self {
             ApiError::NenRejected { status, nen_error } => (Some(status.as_u16()), Some(nen_error)),
