@@ -2,7 +2,8 @@
 
 # Build stages: cargo-chef caches the dependency build in its own layer, so a source change
 # rebuilds only nen-relay itself.
-FROM lukemathwalker/cargo-chef:0.1.73-rust-1.95-slim-bookworm AS chef
+FROM rust:1.95-slim-bookworm AS chef
+RUN cargo install cargo-chef --locked --version 0.1.78
 WORKDIR /build
 
 FROM chef AS planner
