@@ -5,3 +5,4 @@ mod support;
 mod callbacks;
 mod operations;
 mod query;
+mod store_behaviour;

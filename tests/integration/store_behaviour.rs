@@ -1,0 +1,746 @@
+//! The `Store` contract, checked the same way on every backend: deduplication, forward-only
+//! status, conflict flags, triggered runs, idempotency keys, pagination, rejected payloads.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use nen_relay::payload::parse_callback;
+use nen_relay::store::{
+    self, ClaimOutcome, Delivery, DeliveryOutcome, IdempotencyClaim, RejectedPayload, Run,
+    RunCursor, RunQuery, Store, StoreOptions, StoredResponse, TriggeredRun,
+};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sqlx::Connection;
+use tokio::sync::Barrier;
+
+use crate::on_both_backends;
+use crate::support::app::callback;
+use crate::support::{Backend, TestDatabase};
+
+async fn open(db: &TestDatabase) -> Arc<dyn Store> {
+    store::connect(
+        &SecretString::from(db.url.clone()),
+        &StoreOptions::default(),
+        true,
+    )
+    .await
+    .expect("the store opens and migrates")
+}
+
+/// A fixed instant plus `millis`; whole milliseconds survive every backend's precision.
+fn at(millis: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(1_760_000_000_000 + millis)
+        .single()
+        .expect("a valid instant")
+}
+
+/// A verified delivery of `body`, received at `at(millis)`, built the way the webhook does.
+fn delivery(body: &str, millis: i64) -> Delivery {
+    let raw = Bytes::from(body.to_owned());
+    let parsed = parse_callback(&raw).expect("a valid callback body");
+    Delivery {
+        body_sha256: Sha256::digest(&raw).into(),
+        message_id: parsed.message_id,
+        status: parsed.status,
+        workflow_id: parsed.workflow_id,
+        expires_at: parsed.expires_at,
+        result: parsed.result,
+        assets_url: parsed.assets_url,
+        error: parsed.error,
+        raw_body: raw,
+        key_id: "key-1".into(),
+        received_at: at(millis),
+    }
+}
+
+const NEW: DeliveryOutcome = DeliveryOutcome {
+    duplicate: false,
+    body_differs: false,
+    conflicting_terminal: false,
+};
+const REPEAT: DeliveryOutcome = DeliveryOutcome {
+    duplicate: true,
+    body_differs: false,
+    conflicting_terminal: false,
+};
+const DIFFERING_REPEAT: DeliveryOutcome = DeliveryOutcome {
+    duplicate: true,
+    body_differs: true,
+    conflicting_terminal: false,
+};
+const CONFLICTING: DeliveryOutcome = DeliveryOutcome {
+    duplicate: false,
+    body_differs: false,
+    conflicting_terminal: true,
+};
+
+async fn run(store: &Arc<dyn Store>, message_id: &str) -> Run {
+    store
+        .get_run(message_id)
+        .await
+        .expect("the store answers")
+        .unwrap_or_else(|| panic!("run {message_id} exists"))
+}
+
+fn result_of(run: &Run) -> Option<Value> {
+    run.result
+        .as_ref()
+        .map(|raw| serde_json::from_str(raw.get()).expect("stored result is JSON"))
+}
+
+async fn identical_deliveries_in_one_batch_make_one_event(db: TestDatabase) {
+    let store = open(&db).await;
+    let body = callback("m-twins", "processing", json!({}));
+    let outcomes = store
+        .record_deliveries(&[delivery(&body, 0), delivery(&body, 7)])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![NEW, REPEAT]);
+    let events = store.list_events("m-twins").await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].duplicates, 1);
+    assert_eq!(events[0].differing_duplicates, 0);
+    assert_eq!(events[0].received_at, at(0));
+    assert_eq!(events[0].last_received_at, at(7));
+    assert_eq!(events[0].key_id, "key-1");
+    assert_eq!(
+        events[0].payload.get(),
+        body,
+        "the body is kept byte for byte"
+    );
+    // Again in a later batch: nothing new, only the counters move.
+    let outcomes = store
+        .record_deliveries(&[delivery(&body, 9)])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![REPEAT]);
+    let events = store.list_events("m-twins").await.unwrap();
+    assert_eq!((events.len(), events[0].duplicates), (1, 2));
+    assert_eq!(events[0].last_received_at, at(9));
+    assert!(store.record_deliveries(&[]).await.unwrap().is_empty());
+}
+
+async fn processing_and_success_in_one_batch_end_at_success(db: TestDatabase) {
+    let store = open(&db).await;
+    let processing = callback("m-both", "processing", json!({"expires_at": 1_900_000_000}));
+    let success = callback(
+        "m-both",
+        "success",
+        json!({"success": true, "result": {"pages": [1, 2]}, "assets": "https://b/a.zip"}),
+    );
+    let outcomes = store
+        .record_deliveries(&[delivery(&processing, 0), delivery(&success, 5)])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![NEW, NEW]);
+    let run = run(&store, "m-both").await;
+    assert_eq!(run.status, "success");
+    assert_eq!(run.created_at, at(0));
+    assert_eq!(run.updated_at, at(5));
+    assert_eq!(run.completed_at, Some(at(5)));
+    assert_eq!(run.expires_at, Utc.timestamp_opt(1_900_000_000, 0).single());
+    assert_eq!(result_of(&run), Some(json!({"pages": [1, 2]})));
+    assert_eq!(run.assets_url.as_deref(), Some("https://b/a.zip"));
+    assert!(!run.conflicting_terminals && !run.triggered_here);
+    let statuses: HashSet<String> = store
+        .list_events("m-both")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|event| event.status)
+        .collect();
+    assert_eq!(
+        statuses,
+        HashSet::from(["processing".into(), "success".into()])
+    );
+
+    // The same two in the opposite order within a batch end the same way.
+    let late_first = [
+        delivery(&success.replace("m-both", "m-both-2"), 0),
+        delivery(&processing.replace("m-both", "m-both-2"), 5),
+    ];
+    assert_eq!(
+        store.record_deliveries(&late_first).await.unwrap(),
+        vec![NEW, NEW]
+    );
+    let run = store.get_run("m-both-2").await.unwrap().unwrap();
+    assert_eq!(run.status, "success");
+    assert_eq!(run.completed_at, Some(at(0)));
+    assert_eq!(run.updated_at, at(5));
+    assert_eq!(run.expires_at, Utc.timestamp_opt(1_900_000_000, 0).single());
+}
+
+async fn a_conflicting_terminal_is_flagged_and_never_wins(db: TestDatabase) {
+    let store = open(&db).await;
+    // In one batch: the first terminal wins.
+    let success = callback("m-same-batch", "success", json!({"result": {"ok": 1}}));
+    let failed = callback("m-same-batch", "failed", json!({"error": "boom"}));
+    let outcomes = store
+        .record_deliveries(&[delivery(&success, 0), delivery(&failed, 1)])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![NEW, CONFLICTING]);
+    let first = run(&store, "m-same-batch").await;
+    assert_eq!(first.status, "success");
+    assert_eq!(result_of(&first), Some(json!({"ok": 1})));
+    assert_eq!(first.error, None);
+    assert!(first.conflicting_terminals);
+    let flags: HashMap<String, bool> = store
+        .list_events("m-same-batch")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|event| (event.status, event.conflicting_terminal))
+        .collect();
+    assert_eq!(
+        flags,
+        HashMap::from([("success".into(), false), ("failed".into(), true)])
+    );
+
+    // Across batches: the stored terminal stays.
+    let failed = callback("m-later", "failed", json!({"error": "boom"}));
+    let timeout = callback("m-later", "timeout", json!({}));
+    assert_eq!(
+        store
+            .record_deliveries(&[delivery(&failed, 0)])
+            .await
+            .unwrap(),
+        vec![NEW]
+    );
+    assert!(!run(&store, "m-later").await.conflicting_terminals);
+    assert_eq!(
+        store
+            .record_deliveries(&[delivery(&timeout, 1)])
+            .await
+            .unwrap(),
+        vec![CONFLICTING]
+    );
+    // A repeat of the conflicting one is only a repeat; a repeat of the winner is not a conflict.
+    assert_eq!(
+        store
+            .record_deliveries(&[delivery(&timeout, 2), delivery(&failed, 3)])
+            .await
+            .unwrap(),
+        vec![REPEAT, REPEAT]
+    );
+    let later = run(&store, "m-later").await;
+    assert_eq!(later.status, "failed");
+    assert_eq!(later.error.as_deref(), Some("boom"));
+    assert_eq!(later.completed_at, Some(at(0)));
+    assert!(later.conflicting_terminals);
+    let events = store.list_events("m-later").await.unwrap();
+    let flags: Vec<(&str, bool)> = events
+        .iter()
+        .map(|event| (event.status.as_str(), event.conflicting_terminal))
+        .collect();
+    assert_eq!(flags, vec![("failed", false), ("timeout", true)]);
+}
+
+async fn a_differing_duplicate_is_flagged_and_counted(db: TestDatabase) {
+    let store = open(&db).await;
+    let original = callback(
+        "m-differ",
+        "processing",
+        json!({"expires_at": 1_900_000_000}),
+    );
+    let altered = callback(
+        "m-differ",
+        "processing",
+        json!({"expires_at": 1_900_000_001}),
+    );
+    // In one batch: the first body is the one kept.
+    let outcomes = store
+        .record_deliveries(&[delivery(&original, 0), delivery(&altered, 1)])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![NEW, DIFFERING_REPEAT]);
+    // Across batches: compared with the stored body, not with each other.
+    let outcomes = store
+        .record_deliveries(&[delivery(&altered, 2), delivery(&original, 3)])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![DIFFERING_REPEAT, REPEAT]);
+    let events = store.list_events("m-differ").await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].duplicates, 3);
+    assert_eq!(events[0].differing_duplicates, 2);
+    assert_eq!(events[0].payload.get(), original);
+    assert_eq!(
+        run(&store, "m-differ").await.expires_at,
+        Utc.timestamp_opt(1_900_000_000, 0).single()
+    );
+}
+
+async fn a_late_processing_never_regresses_but_fills_gaps(db: TestDatabase) {
+    let store = open(&db).await;
+    // The terminal callback carries neither workflow_id nor expiry; the late processing does.
+    let success = json!({"message_id": "m-late", "status": "success", "result": [1]}).to_string();
+    let processing = callback("m-late", "processing", json!({"expires_at": 1_900_000_000}));
+    store
+        .record_deliveries(&[delivery(&success, 0)])
+        .await
+        .unwrap();
+    let before = run(&store, "m-late").await;
+    assert_eq!(before.workflow_id, None);
+    assert_eq!(
+        store
+            .record_deliveries(&[delivery(&processing, 10)])
+            .await
+            .unwrap(),
+        vec![NEW]
+    );
+    let after = run(&store, "m-late").await;
+    assert_eq!(after.status, "success");
+    assert_eq!(after.completed_at, Some(at(0)));
+    assert_eq!(result_of(&after), Some(json!([1])));
+    assert_eq!(
+        after.expires_at,
+        Utc.timestamp_opt(1_900_000_000, 0).single()
+    );
+    assert_eq!(
+        after.workflow_id.as_deref(),
+        Some("12345678-1234-1234-1234-123456789abc")
+    );
+    assert_eq!(after.created_at, at(0));
+    assert_eq!(after.updated_at, at(10));
+    assert!(!after.conflicting_terminals);
+    let statuses: Vec<String> = store
+        .list_events("m-late")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|event| event.status)
+        .collect();
+    assert_eq!(statuses, vec!["success", "processing"], "arrival order");
+}
+
+async fn concurrent_batches_with_overlapping_keys_store_each_key_once(db: TestDatabase) {
+    const WRITERS: usize = 6;
+    const RUNS: usize = 12;
+    let store = open(&db).await;
+    let mut bodies = Vec::new();
+    for n in 0..RUNS {
+        for status in ["processing", "success"] {
+            bodies.push(callback(&format!("m-race-{n:02}"), status, json!({})));
+        }
+    }
+    let barrier = Arc::new(Barrier::new(WRITERS));
+    let mut tasks = Vec::new();
+    for writer in 0..WRITERS {
+        // Each writer sends every key, starting at a different place, so that their
+        // transactions meet on the same rows in different orders.
+        let mut batch: Vec<Delivery> = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, body)| delivery(body, (writer * 100 + i) as i64))
+            .collect();
+        batch.rotate_left(writer * 5 % bodies.len());
+        let (store, barrier) = (store.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let outcomes = store.record_deliveries(&batch).await.expect("recorded");
+            batch
+                .iter()
+                .zip(outcomes)
+                .map(|(d, outcome)| ((d.message_id.clone(), d.status.clone()), outcome))
+                .collect::<Vec<_>>()
+        }));
+    }
+    let mut firsts: HashMap<(String, String), usize> = HashMap::new();
+    for task in tasks {
+        for (key, outcome) in task.await.unwrap() {
+            assert!(!outcome.body_differs && !outcome.conflicting_terminal);
+            *firsts.entry(key).or_default() += usize::from(!outcome.duplicate);
+        }
+    }
+    assert_eq!(firsts.len(), RUNS * 2);
+    assert!(
+        firsts.values().all(|&count| count == 1),
+        "exactly one writer stored each key: {firsts:?}"
+    );
+    for n in 0..RUNS {
+        let message_id = format!("m-race-{n:02}");
+        let events = store.list_events(&message_id).await.unwrap();
+        assert_eq!(events.len(), 2);
+        assert!(events.iter().all(|e| e.duplicates == (WRITERS - 1) as i64));
+        assert_eq!(run(&store, &message_id).await.status, "success");
+    }
+}
+
+fn triggered(message_id: &str, millis: i64, params: Option<&str>) -> TriggeredRun {
+    TriggeredRun {
+        message_id: message_id.into(),
+        workflow_id: "wf-triggered".into(),
+        workflow_params: params.map(str::to_owned),
+        created_at: at(millis),
+    }
+}
+
+async fn a_triggered_run_and_its_callbacks_meet_in_either_order(db: TestDatabase) {
+    let store = open(&db).await;
+    // Trigger first, then its callbacks.
+    store
+        .record_triggered_run(&triggered("m-trig", 0, Some(r#"{"year": 2024}"#)))
+        .await
+        .unwrap();
+    let submitted = run(&store, "m-trig").await;
+    assert_eq!(submitted.status, "submitted");
+    assert!(submitted.triggered_here);
+    assert_eq!(submitted.workflow_id.as_deref(), Some("wf-triggered"));
+    assert_eq!(submitted.completed_at, None);
+    let params: Value = serde_json::from_str(submitted.workflow_params.unwrap().get()).unwrap();
+    assert_eq!(params, json!({"year": 2024}));
+    let processing = callback("m-trig", "processing", json!({}));
+    let success = callback("m-trig", "success", json!({"result": {}}));
+    store
+        .record_deliveries(&[delivery(&processing, 10)])
+        .await
+        .unwrap();
+    store
+        .record_deliveries(&[delivery(&success, 20)])
+        .await
+        .unwrap();
+    let done = run(&store, "m-trig").await;
+    assert_eq!(done.status, "success");
+    assert!(done.triggered_here);
+    assert_eq!(done.created_at, at(0));
+    assert_eq!(done.completed_at, Some(at(20)));
+    assert_eq!(done.workflow_id.as_deref(), Some("wf-triggered"));
+
+    // The race: Nen's callbacks land before the 202 that started the run is recorded.
+    let processing = callback("m-race", "processing", json!({}));
+    let success = callback("m-race", "success", json!({"result": {}}));
+    store
+        .record_deliveries(&[delivery(&processing, 10), delivery(&success, 20)])
+        .await
+        .unwrap();
+    store
+        .record_triggered_run(&triggered("m-race", 5, None))
+        .await
+        .unwrap();
+    let raced = run(&store, "m-race").await;
+    assert_eq!(raced.status, "success", "triggering never moves a run back");
+    assert!(raced.triggered_here);
+    assert_eq!(raced.created_at, at(5), "the earliest moment wins");
+    assert_eq!(raced.completed_at, Some(at(20)));
+    assert_eq!(raced.updated_at, at(20));
+    assert_eq!(
+        raced.workflow_id.as_deref(),
+        Some("12345678-1234-1234-1234-123456789abc"),
+        "a workflow_id already known is kept"
+    );
+    assert!(raced.workflow_params.is_none());
+    // A run recorded after its first callback keeps the callback's created_at.
+    store
+        .record_deliveries(&[delivery(&callback("m-slow", "processing", json!({})), 0)])
+        .await
+        .unwrap();
+    store
+        .record_triggered_run(&triggered("m-slow", 50, None))
+        .await
+        .unwrap();
+    let slow = run(&store, "m-slow").await;
+    assert_eq!(
+        (slow.status.as_str(), slow.created_at),
+        ("processing", at(0))
+    );
+    assert!(slow.triggered_here);
+}
+
+fn claim(key: &str, request: &str, now: i64) -> IdempotencyClaim {
+    IdempotencyClaim {
+        key: key.into(),
+        request_sha256: Sha256::digest(request.as_bytes()).into(),
+        now: at(now),
+        expires_at: at(now) + Duration::hours(24),
+    }
+}
+
+async fn idempotency_keys_claim_replay_conflict_release_and_expire(db: TestDatabase) {
+    let store = open(&db).await;
+    let answer = StoredResponse {
+        status: 202,
+        body: r#"{"message_id":"m-1"}"#.into(),
+    };
+    assert_eq!(
+        store
+            .claim_idempotency_key(&claim("k1", "a", 0))
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed
+    );
+    assert_eq!(
+        store
+            .claim_idempotency_key(&claim("k1", "a", 1))
+            .await
+            .unwrap(),
+        ClaimOutcome::InProgress
+    );
+    assert_eq!(
+        store
+            .claim_idempotency_key(&claim("k1", "b", 1))
+            .await
+            .unwrap(),
+        ClaimOutcome::Conflict
+    );
+    store.complete_idempotency_key("k1", &answer).await.unwrap();
+    assert_eq!(
+        store
+            .claim_idempotency_key(&claim("k1", "a", 2))
+            .await
+            .unwrap(),
+        ClaimOutcome::Completed(answer.clone())
+    );
+    assert_eq!(
+        store
+            .claim_idempotency_key(&claim("k1", "b", 2))
+            .await
+            .unwrap(),
+        ClaimOutcome::Conflict
+    );
+    // A completed key is not released by a late failure.
+    store.release_idempotency_key("k1").await.unwrap();
+    assert_eq!(
+        store
+            .claim_idempotency_key(&claim("k1", "a", 3))
+            .await
+            .unwrap(),
+        ClaimOutcome::Completed(answer.clone())
+    );
+    // A released claim may be tried again, even with another request.
+    assert_eq!(
+        store
+            .claim_idempotency_key(&claim("k2", "a", 0))
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed
+    );
+    store.release_idempotency_key("k2").await.unwrap();
+    assert_eq!(
+        store
+            .claim_idempotency_key(&claim("k2", "b", 1))
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed
+    );
+    // After expiry the key is free for anything.
+    let after_expiry = 24 * 3600 * 1000 + 1;
+    assert_eq!(
+        store
+            .claim_idempotency_key(&claim("k1", "b", after_expiry))
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed
+    );
+    assert_eq!(
+        store
+            .claim_idempotency_key(&claim("k1", "a", after_expiry + 1))
+            .await
+            .unwrap(),
+        ClaimOutcome::Conflict
+    );
+}
+
+async fn concurrent_claims_of_one_key_give_exactly_one_claimed(db: TestDatabase) {
+    const CLAIMS: usize = 16;
+    let store = open(&db).await;
+    let barrier = Arc::new(Barrier::new(CLAIMS));
+    let mut tasks = Vec::new();
+    for _ in 0..CLAIMS {
+        let (store, barrier) = (store.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            store
+                .claim_idempotency_key(&claim("k-race", "same request", 0))
+                .await
+                .expect("the store answers")
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    let claimed = outcomes
+        .iter()
+        .filter(|o| **o == ClaimOutcome::Claimed)
+        .count();
+    assert_eq!(claimed, 1, "{outcomes:?}");
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, ClaimOutcome::Claimed | ClaimOutcome::InProgress)));
+}
+
+/// Walks every page of a listing; returns the message ids in the order they came.
+async fn walk(store: &Arc<dyn Store>, mut query: RunQuery) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let page = store.list_runs(&query).await.unwrap();
+        assert!(page.runs.len() <= query.limit as usize);
+        seen.extend(page.runs.into_iter().map(|run| run.message_id));
+        match page.next {
+            Some(next) => query.after = Some(next),
+            None => return seen,
+        }
+    }
+}
+
+async fn pagination_walks_every_run_once_newest_first(db: TestDatabase) {
+    const RUNS: usize = 137;
+    let store = open(&db).await;
+    let workflow = |n: usize| if n % 3 == 0 { "wf-a" } else { "wf-b" };
+    let status = |n: usize| if n % 2 == 0 { "success" } else { "processing" };
+    let name = |n: usize| format!("m-page-{n:03}");
+    let all: Vec<usize> = (0..RUNS).collect();
+    // Several batches, oldest first.
+    for chunk in all.chunks(25) {
+        let batch: Vec<Delivery> = chunk
+            .iter()
+            .map(|&n| {
+                let body =
+                    json!({"message_id": name(n), "status": status(n), "workflow_id": workflow(n)});
+                delivery(&body.to_string(), n as i64)
+            })
+            .collect();
+        store.record_deliveries(&batch).await.unwrap();
+    }
+    let newest_first = |keep: &dyn Fn(usize) -> bool| -> Vec<String> {
+        all.iter()
+            .rev()
+            .copied()
+            .filter(|&n| keep(n))
+            .map(name)
+            .collect()
+    };
+    let query = |workflow_id: Option<&str>, status: Option<&str>| RunQuery {
+        workflow_id: workflow_id.map(str::to_owned),
+        status: status.map(str::to_owned),
+        limit: 10,
+        after: None,
+    };
+    assert_eq!(
+        walk(&store, query(None, None)).await,
+        newest_first(&|_| true)
+    );
+    assert_eq!(
+        walk(&store, query(Some("wf-a"), None)).await,
+        newest_first(&|n| workflow(n) == "wf-a")
+    );
+    assert_eq!(
+        walk(&store, query(None, Some("processing"))).await,
+        newest_first(&|n| status(n) == "processing")
+    );
+    assert_eq!(
+        walk(&store, query(Some("wf-b"), Some("success"))).await,
+        newest_first(&|n| workflow(n) == "wf-b" && status(n) == "success")
+    );
+    assert!(walk(&store, query(Some("wf-none"), None)).await.is_empty());
+
+    // Runs that arrive during a walk neither shift nor repeat the rest of it.
+    let first = store.list_runs(&query(None, None)).await.unwrap();
+    let mut seen: Vec<String> = first
+        .runs
+        .iter()
+        .map(|run| run.message_id.clone())
+        .collect();
+    let late = delivery(&callback("m-page-late", "processing", json!({})), 1000);
+    store.record_deliveries(&[late]).await.unwrap();
+    let mut rest = query(None, None);
+    rest.after = first.next;
+    seen.extend(walk(&store, rest).await);
+    assert_eq!(seen, newest_first(&|_| true));
+    let fresh = store.list_runs(&query(None, None)).await.unwrap();
+    assert_eq!(fresh.runs[0].message_id, "m-page-late");
+    // A page that ends exactly at the last run says so.
+    let exact = store
+        .list_runs(&RunQuery {
+            limit: (RUNS + 1) as u32,
+            ..query(None, None)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (exact.runs.len(), exact.next),
+        (RUNS + 1, None::<RunCursor>)
+    );
+}
+
+/// What `rejected_payloads` holds, read straight from the database.
+async fn rejected_rows(db: &TestDatabase) -> Vec<(String, String, Vec<u8>)> {
+    let sql = "select key_id, reason, body from rejected_payloads order by id";
+    match db.backend {
+        Backend::Postgres => {
+            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query_as(sql)
+                .fetch_all(&mut connection)
+                .await
+                .unwrap()
+        }
+        Backend::Sqlite => {
+            let mut connection = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query_as(sql)
+                .fetch_all(&mut connection)
+                .await
+                .unwrap()
+        }
+    }
+}
+
+async fn rejected_payloads_are_kept_byte_for_byte(db: TestDatabase) {
+    let store = open(&db).await;
+    let bodies: [&[u8]; 2] = [b"not json", b"\xff\xfe{\"binary\": true}"];
+    for body in bodies {
+        store
+            .record_rejected_payload(&RejectedPayload {
+                raw_body: Bytes::copy_from_slice(body),
+                key_id: "key-1".into(),
+                reason: "the body is not valid JSON".into(),
+                received_at: at(0),
+            })
+            .await
+            .unwrap();
+    }
+    let rows = rejected_rows(&db).await;
+    let stored: Vec<&[u8]> = rows.iter().map(|(_, _, body)| body.as_slice()).collect();
+    assert_eq!(stored, bodies.to_vec());
+    assert!(rows
+        .iter()
+        .all(|(key, reason, _)| key == "key-1" && reason == "the body is not valid JSON"));
+}
+
+async fn unknown_runs_are_absent_and_the_store_answers(db: TestDatabase) {
+    let store = open(&db).await;
+    store.ping().await.unwrap();
+    assert!(store.get_run("m-unknown").await.unwrap().is_none());
+    assert!(store.list_events("m-unknown").await.unwrap().is_empty());
+    let page = store
+        .list_runs(&RunQuery {
+            limit: 10,
+            ..RunQuery::default()
+        })
+        .await
+        .unwrap();
+    assert!(page.runs.is_empty() && page.next.is_none());
+    // Opening an already migrated database again is harmless.
+    drop(store);
+    let again = open(&db).await;
+    again.ping().await.unwrap();
+}
+
+on_both_backends!(
+    identical_deliveries_in_one_batch_make_one_event,
+    processing_and_success_in_one_batch_end_at_success,
+    a_conflicting_terminal_is_flagged_and_never_wins,
+    a_differing_duplicate_is_flagged_and_counted,
+    a_late_processing_never_regresses_but_fills_gaps,
+    concurrent_batches_with_overlapping_keys_store_each_key_once,
+    a_triggered_run_and_its_callbacks_meet_in_either_order,
+    idempotency_keys_claim_replay_conflict_release_and_expire,
+    concurrent_claims_of_one_key_give_exactly_one_claimed,
+    pagination_walks_every_run_once_newest_first,
+    rejected_payloads_are_kept_byte_for_byte,
+    unknown_runs_are_absent_and_the_store_answers,
+);
