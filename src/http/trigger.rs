@@ -1,8 +1,10 @@
 //! `POST /v1/runs`: starts a run on Nen, at most once per `Idempotency-Key`.
 //!
-//! 1. read and validate the body (400 naming the field), 2. check that Nen can be called
-//! (503 `not_configured`), 3. claim the `Idempotency-Key` if one is given (replay, or 409),
-//! 4. call Nen exactly once, 5. record the run and answer 202, or pass on Nen's refusal.
+//! 1. Read and validate the body (400 naming the field).
+//! 2. Check that Nen can be called (503 `not_configured`).
+//! 3. Claim the `Idempotency-Key` if one is given (replay the stored answer, or 409).
+//! 4. Call Nen exactly once.
+//! 5. Record the run and answer 202, or pass on Nen's refusal.
 //!
 //! Steps 4 and 5 run in a task of their own, so that a client that hangs up mid-call cannot
 //! cancel them: a run Nen accepted is always recorded and its key always settled.
