@@ -415,19 +415,10 @@ fn secret_texts(params: &Map<String, Value>) -> Vec<String> {
 /// replaced as a whole (better to lose a diagnostic than to leak a secret).
 fn scrub(body: Value, secure_values: &[String]) -> Value {
     let text = body.to_string();
-    let raw_text = match &body {
-        Value::String(inner) => inner.clone(),
-        _ => String::new(),
-    };
     let echoes = secure_values.iter().any(|secret| {
-        text.contains(secret.as_str())
-            || raw_text.contains(secret.as_str())
-            || text.contains(
-                &Value::String(secret.clone())
-                    .to_string()
-                    .trim_matches('"')
-                    .to_owned(),
-            )
+        // Compared in the escaped form the value takes inside JSON text.
+        let escaped = Value::String(secret.clone()).to_string();
+        text.contains(escaped.trim_matches('"'))
     });
     if echoes {
         Value::String("(withheld: Nen's answer contained a secure parameter value)".into())
@@ -566,6 +557,11 @@ mod tests {
             &secrets,
         );
         assert!(!echoed.to_string().contains("s3cret"));
+        let as_text = scrub(Value::String("password s3cret refused".into()), &secrets);
+        assert!(!as_text.to_string().contains("s3cret"));
+        let quoted = vec![r#"a"b"#.to_owned()];
+        let echoed = scrub(serde_json::json!({"message": r#"x a"b y"#}), &quoted);
+        assert!(!echoed.to_string().contains(r#"a\"b"#));
         let clean = serde_json::json!({"error": "Invalid request"});
         assert_eq!(scrub(clean.clone(), &secrets), clean);
     }
