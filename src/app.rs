@@ -29,8 +29,9 @@ use tracing::Level;
 use crate::config::Settings;
 use crate::error::ApiError;
 use crate::http::auth::{self, ApiTokens};
-use crate::http::{callbacks, ops, runs, AppState};
+use crate::http::{callbacks, ops, runs, trigger, AppState};
 use crate::ingest::{Ingest, Writers};
+use crate::nen::NenClient;
 use crate::signature::WebhookKeys;
 use crate::store::{self, Store};
 
@@ -75,6 +76,7 @@ impl Application {
         let state = AppState {
             webhook_keys: Arc::new(WebhookKeys::new(&settings.webhook_secrets)),
             api_tokens: Arc::new(ApiTokens::new(&settings.api_tokens)),
+            nen: NenClient::new(&settings.nen).context("cannot build the client for Nen")?,
             store,
             ingest,
             settings: Arc::new(settings.clone()),
@@ -175,7 +177,7 @@ pub fn router(state: AppState) -> Router {
     // Everything under /v1, unknown paths included, needs a token: a caller without one learns
     // nothing about which routes exist.
     let v1 = Router::new()
-        .route("/runs", get(runs::list_runs))
+        .route("/runs", get(runs::list_runs).post(trigger::start_run))
         .route("/runs/{message_id}", get(runs::get_run))
         .route("/runs/{message_id}/events", get(runs::list_events))
         .fallback(not_found)

@@ -5,11 +5,13 @@ pub mod callbacks;
 pub mod extract;
 pub mod ops;
 pub mod runs;
+pub mod trigger;
 
 use std::sync::Arc;
 
 use crate::config::Settings;
 use crate::ingest::Ingest;
+use crate::nen::NenClient;
 use crate::signature::WebhookKeys;
 use crate::store::Store;
 
@@ -23,4 +25,5 @@ pub struct AppState {
     pub ingest: Ingest,
     pub webhook_keys: Arc<WebhookKeys>,
     pub api_tokens: Arc<ApiTokens>,
+    pub nen: NenClient,
 }

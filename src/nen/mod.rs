@@ -1,3 +1,7 @@
 //! Talking to Nen: the outbound client, request signing, and a stand-in for tests and demos.
 
+pub mod client;
 pub mod fake;
+pub mod request_signing;
+
+pub use client::{NenClient, StartRunOutcome};

@@ -6,3 +6,4 @@ mod callbacks;
 mod operations;
 mod query;
 mod store_behaviour;
+mod trigger;
