@@ -426,7 +426,7 @@ async fn missing_configuration_is_named(db: TestDatabase) {
         .expect(0)
         .mount(&nen)
         .await;
-    let app = TestApp::spawn_with(db, |vars| {
+    let mut app = TestApp::spawn_with(db, |vars| {
         vars.insert("NEN_API_BASE_URL".into(), nen.uri());
     })
     .await;
