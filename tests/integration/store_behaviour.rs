@@ -172,6 +172,14 @@ async fn processing_and_success_in_one_batch_end_at_success(db: TestDatabase) {
     assert_eq!(run.completed_at, Some(at(0)));
     assert_eq!(run.updated_at, at(5));
     assert_eq!(run.expires_at, Utc.timestamp_opt(1_900_000_000, 0).single());
+    let statuses: Vec<String> = store
+        .list_events("m-both-2")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|event| event.status)
+        .collect();
+    assert_eq!(statuses, vec!["success", "processing"], "arrival order");
 }
 
 async fn a_conflicting_terminal_is_flagged_and_never_wins(db: TestDatabase) {
