@@ -4,7 +4,7 @@
 //! optional and read if it has the expected shape; the raw body is always stored as well, so a
 //! field read wrongly today is not lost.
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -115,8 +115,14 @@ fn optional_string(raw: Option<&RawValue>) -> Option<String> {
 }
 
 /// `expires_at` is documented as Unix seconds; milliseconds and RFC 3339 are accepted too, since
-/// Nen's signed requests accept all three. Anything else is left to the raw body.
+/// Nen's signed requests accept all three. Anything else is left to the raw body, and so are
+/// years RFC 3339 cannot write (outside 0001-9999): the API shows times in it, and PostgreSQL
+/// refuses dates before 4713 BC, which would fail the whole batch the callback is written with.
 fn timestamp(raw: &RawValue) -> Option<DateTime<Utc>> {
+    any_timestamp(raw).filter(|time| (1..=9999).contains(&time.year()))
+}
+
+fn any_timestamp(raw: &RawValue) -> Option<DateTime<Utc>> {
     if let Ok(number) = serde_json::from_str::<f64>(raw.get()) {
         if !number.is_finite() {
             return None;
@@ -228,6 +234,14 @@ mod tests {
         assert_eq!(rfc.expires_at.unwrap().timestamp(), 1_730_319_600);
         let huge = parse_callback(br#"{"message_id":"m","status":"s","expires_at":1e300}"#);
         assert_eq!(huge.unwrap().expires_at, None);
+        for beyond_rfc3339 in ["-8100000000000000", "8100000000000000", "-62135596801"] {
+            let body =
+                format!(r#"{{"message_id":"m","status":"s","expires_at":{beyond_rfc3339}}}"#);
+            assert_eq!(parse_callback(body.as_bytes()).unwrap().expires_at, None);
+        }
+        let last_year =
+            parse_callback(br#"{"message_id":"m","status":"s","expires_at":253402300799000}"#);
+        assert_eq!(last_year.unwrap().expires_at.unwrap().year(), 9999);
     }
 
     #[test]

@@ -472,10 +472,12 @@ impl Store for PostgresStore {
             DateTime<Utc>,
             String,
         );
+        // Arrival order is `received_at`: ids follow insertion, and a batch inserts its events
+        // in key order (to take locks in one order), not in the order they arrived.
         let rows: Vec<EventRow> = sqlx::query_as(
             "select status, received_at, duplicates, differing_duplicates, conflicting_terminal, \
                     key_id, last_received_at, payload \
-             from events where message_id = $1 order by id",
+             from events where message_id = $1 order by received_at, id",
         )
         .bind(message_id)
         .fetch_all(&self.pool)

@@ -434,10 +434,12 @@ impl Store for SqliteStore {
     }
 
     async fn list_events(&self, message_id: &str) -> Result<Vec<Event>, StoreError> {
+        // Arrival order is `received_at`, as on PostgreSQL: ids follow insertion, and with
+        // several ingest writers a later delivery may be committed first.
         let rows: Vec<EventRow> = sqlx::query_as(
             "select status, received_at, duplicates, differing_duplicates, conflicting_terminal, \
                     key_id, last_received_at, payload \
-             from events where message_id = ? order by id",
+             from events where message_id = ? order by received_at, id",
         )
         .bind(message_id)
         .fetch_all(&self.readers)

@@ -172,6 +172,14 @@ async fn processing_and_success_in_one_batch_end_at_success(db: TestDatabase) {
     assert_eq!(run.completed_at, Some(at(0)));
     assert_eq!(run.updated_at, at(5));
     assert_eq!(run.expires_at, Utc.timestamp_opt(1_900_000_000, 0).single());
+    let statuses: Vec<String> = store
+        .list_events("m-both-2")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|event| event.status)
+        .collect();
+    assert_eq!(statuses, vec!["success", "processing"], "arrival order");
 }
 
 async fn a_conflicting_terminal_is_flagged_and_never_wins(db: TestDatabase) {
@@ -369,6 +377,25 @@ async fn concurrent_batches_with_overlapping_keys_store_each_key_once(db: TestDa
         assert!(events.iter().all(|e| e.duplicates == (WRITERS - 1) as i64));
         assert_eq!(run(&store, &message_id).await.status, "success");
     }
+}
+
+async fn an_absurd_expiry_does_not_fail_its_batch(db: TestDatabase) {
+    let store = open(&db).await;
+    // Signed, so authentic, but far outside what a database's time type holds.
+    let absurd = callback(
+        "m-absurd",
+        "processing",
+        json!({"expires_at": -8_100_000_000_000_000_i64}),
+    );
+    let ordinary = callback("m-ordinary", "processing", json!({}));
+    let outcomes = store
+        .record_deliveries(&[delivery(&absurd, 0), delivery(&ordinary, 1)])
+        .await
+        .expect("one odd callback must not fail the others");
+    assert_eq!(outcomes, vec![NEW, NEW]);
+    assert_eq!(run(&store, "m-absurd").await.expires_at, None);
+    let events = store.list_events("m-absurd").await.unwrap();
+    assert_eq!(events[0].payload.get(), absurd, "the raw body still has it");
 }
 
 fn triggered(message_id: &str, millis: i64, params: Option<&str>) -> TriggeredRun {
@@ -737,6 +764,7 @@ on_both_backends!(
     a_differing_duplicate_is_flagged_and_counted,
     a_late_processing_never_regresses_but_fills_gaps,
     concurrent_batches_with_overlapping_keys_store_each_key_once,
+    an_absurd_expiry_does_not_fail_its_batch,
     a_triggered_run_and_its_callbacks_meet_in_either_order,
     idempotency_keys_claim_replay_conflict_release_and_expire,
     concurrent_claims_of_one_key_give_exactly_one_claimed,
