@@ -338,3 +338,31 @@ async fn when_the_store_fails_every_callback_is_answered_503_and_none_acknowledg
         assert!(real.get_run(id).await.unwrap().is_none());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_of_a_stored_event_and_a_new_status_in_one_batch_are_both_applied() {
+    let Some((_db, store)) = postgres_store().await else {
+        return;
+    };
+    let id = unique("mixed");
+    let processing = callback(&id, "processing", serde_json::json!({}));
+    store
+        .record_deliveries(&[delivery(&processing)])
+        .await
+        .expect("stored");
+    // One group already stored (counted) and one new (moves the run): one statement does both.
+    let bodies = [
+        processing.clone(),
+        callback(&id, "success", serde_json::json!({"result": {"n": 3}})),
+        processing,
+    ];
+    let results = record_in_one_batch(store.clone(), None, &bodies).await;
+    assert!(outcome(&results[0]).duplicate && outcome(&results[2]).duplicate);
+    assert!(!outcome(&results[0]).body_differs);
+    assert!(!outcome(&results[1]).duplicate);
+    assert_eq!(store.get_run(&id).await.unwrap().unwrap().status, "success");
+    let events = store.list_events(&id).await.unwrap();
+    let stored = events.iter().find(|e| e.status == "processing").unwrap();
+    assert_eq!(stored.duplicates, 2);
+    assert_eq!(events.len(), 2);
+}
