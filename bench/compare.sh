@@ -6,7 +6,8 @@
 #   - pgbench: the same one-callback-per-transaction write, prepared statements (PostgreSQL's ceiling)
 # and nen-relay's peak RSS. Everything listens on 127.0.0.1 and is removed at the end.
 #
-#   bench/compare.sh                      (about 4 minutes; BENCH_SECONDS=15 per measurement)
+#   bench/compare.sh                      (about 3 minutes; BENCH_SECONDS=15 per measurement)
+#   bench/compare.sh | tee run1.txt; ...; python3 bench/report.py --median run1.txt run2.txt run3.txt
 # Environment: BENCH_SECONDS, BENCH_CONNECTIONS ("16 64"), PG_ADMIN_URL, NEN_RELAY_* tuning variables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,8 +40,9 @@ pgbench_db=$(fresh_database pgbench)
 DATABASE_URL=$pgbench_db RUST_LOG=warn "$BIN" migrate
 
 relay_port=$(free_port)
-DATABASE_URL=$relay_db NEN_RELAY_BIND=127.0.0.1:$relay_port RUST_LOG=${RUST_LOG:-warn} \
-  NEN_RELAY_LOG_FORMAT=json start_background "$workdir/relay.log" "$BIN" serve
+# As deployed: JSON logs at the default level (info).
+DATABASE_URL=$relay_db NEN_RELAY_BIND=127.0.0.1:$relay_port NEN_RELAY_LOG_FORMAT=json \
+  start_background "$workdir/relay.log" "$BIN" serve
 relay_pid=$LAST_PID
 wait_for "http://127.0.0.1:$relay_port/readyz"
 

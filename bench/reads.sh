@@ -43,7 +43,7 @@ SQL
   log "plans at $size runs (the statements nen-relay sends)"
   columns="message_id, workflow_id, status, created_at, updated_at, completed_at, expires_at, result::text, assets_url, error, triggered_here, conflicting_terminals, workflow_params::text, seq"
   deep=$(( size / 100 > 60 ? size / 100 : 60 ))
-  psql -X -q "$DATABASE_URL" <<SQL | grep -E '^(--|  *(->|Limit|Index|Bitmap|Seq|Sort|Execution))' || true
+  psql -X -q "$DATABASE_URL" <<SQL | grep -E '^(--|  *(->|Limit|Index|Bitmap|Seq|Sort|Filter|Rows Removed|Execution))' || true
 \echo '-- get run'
 explain (analyze, costs off, timing off, summary on) select $columns from runs where message_id = 'run-$((size / 2))';
 \echo '-- first page'
