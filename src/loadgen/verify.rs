@@ -11,11 +11,21 @@ use serde::Deserialize;
 use super::mix::Mix;
 use crate::status::StatusRank;
 
-/// Runs checked, and what was wrong (empty when nothing was lost).
+/// Runs checked, and what was wrong (both empty when nothing was lost).
 pub struct Verdict {
     pub runs_checked: usize,
     pub acknowledged: usize,
+    /// Runs that do not show what was acknowledged: lost or duplicated callbacks.
     pub problems: Vec<String>,
+    /// Runs that could not be read (the server went away, a read failed): not proof of loss,
+    /// but not proof of its absence either.
+    pub unchecked: Vec<String>,
+}
+
+/// Why one run failed its check.
+enum Failure {
+    Mismatch(String),
+    Unreadable(String),
 }
 
 #[derive(Deserialize)]
@@ -82,7 +92,7 @@ pub async fn verify(
         .timeout(std::time::Duration::from_secs(30))
         .build()?;
     let runs_checked = expectations.len();
-    let problems: Vec<String> = stream::iter(expectations)
+    let failures: Vec<Failure> = stream::iter(expectations)
         .map(|expectation| {
             let client = &client;
             async move { check_run(client, base_url, token, &expectation).await }
@@ -91,16 +101,24 @@ pub async fn verify(
         .filter_map(|result| async move {
             match result {
                 Ok(None) => None,
-                Ok(Some(problem)) => Some(problem),
-                Err(error) => Some(format!("{error:#}")),
+                Ok(Some(problem)) => Some(Failure::Mismatch(problem)),
+                Err(error) => Some(Failure::Unreadable(format!("{error:#}"))),
             }
         })
         .collect()
         .await;
+    let (mut problems, mut unchecked) = (Vec::new(), Vec::new());
+    for failure in failures {
+        match failure {
+            Failure::Mismatch(problem) => problems.push(problem),
+            Failure::Unreadable(problem) => unchecked.push(problem),
+        }
+    }
     Ok(Verdict {
         runs_checked,
         acknowledged,
         problems,
+        unchecked,
     })
 }
 
@@ -117,6 +135,9 @@ async fn check_run(
         .send()
         .await
         .with_context(|| format!("GET /v1/runs/{id}"))?;
+    if run.status().is_server_error() || run.status() == reqwest::StatusCode::UNAUTHORIZED {
+        anyhow::bail!("GET /v1/runs/{id} answered {}", run.status());
+    }
     if !run.status().is_success() {
         return Ok(Some(format!(
             "run {id}: GET /v1/runs/{id} answered {} although a callback was acknowledged",
