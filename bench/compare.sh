@@ -57,7 +57,7 @@ bench_json() {
   output=$("$BIN" bench --json --duration "$SECONDS_EACH" "$@" 2>"$workdir/bench.err") || {
     cat "$workdir/bench.err" >&2
     printf '%s\n' "$output" >&2
-    log "bench failed: $*"
+    log "bench failed: $*; server logs in $workdir"
     exit 1
   }
   printf '%s\n' "$output" | sed '$!d'
@@ -93,3 +93,4 @@ result[node_peak_rss_kib]=$(peak_rss_kib "$node_pid")
 {
   for key in "${!result[@]}"; do printf '%s=%s\n' "$key" "${result[$key]}"; done
 } | python3 bench/report.py "$CONNECTIONS"
+rm -rf "$workdir"  # kept when a run fails: the server logs are in it

@@ -58,3 +58,4 @@ explain (analyze, costs off, timing off, summary on) select $columns from runs w
 explain (analyze, costs off, timing off, summary on) select status, received_at, duplicates, differing_duplicates, conflicting_terminal, key_id, last_received_at, payload from events where message_id = 'run-1' order by id;
 SQL
 done
+rm -rf "$workdir"
