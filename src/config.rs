@@ -199,8 +199,12 @@ pub struct IngestSettings {
 
 impl Default for IngestSettings {
     fn default() -> Self {
+        // Several commits in flight: while one waits for its WAL flush, others fill their
+        // batches, and PostgreSQL flushes concurrent commits together. Measured with
+        // bench/compare.sh (docs/performance.md): 2 writers left 16 connections waiting on
+        // one or two commits at a time.
         Self {
-            writers: 2,
+            writers: 12,
             max_batch: 256,
             queue_capacity: 4096,
         }

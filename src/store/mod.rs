@@ -126,7 +126,8 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
-            max_connections: 16,
+            // The ingest writers (12 by default) plus room for reads and health checks.
+            max_connections: 20,
             acquire_timeout: Duration::from_millis(1000),
             statement_timeout: Duration::from_millis(1500),
         }

@@ -3,6 +3,7 @@
 mod support;
 
 mod callbacks;
+mod group_commit;
 mod operations;
 mod query;
 mod store_behaviour;

@@ -53,6 +53,19 @@ impl TestApp {
         db: TestDatabase,
         adjust: impl FnOnce(&mut BTreeMap<String, String>),
     ) -> TestApp {
+        Self::spawn_inner(db, adjust, None).await
+    }
+
+    /// Serves with `store` (e.g. a wrapper that fails or holds writes) instead of opening one.
+    pub async fn spawn_with_store(db: TestDatabase, store: Arc<dyn Store>) -> TestApp {
+        Self::spawn_inner(db, |_| {}, Some(store)).await
+    }
+
+    async fn spawn_inner(
+        db: TestDatabase,
+        adjust: impl FnOnce(&mut BTreeMap<String, String>),
+        store: Option<Arc<dyn Store>>,
+    ) -> TestApp {
         logs::capture();
         let unique = uuid::Uuid::new_v4().simple().to_string();
         let secrets = vec![format!("whsec-a-{unique}"), format!("whsec-b-{unique}")];
@@ -65,9 +78,12 @@ impl TestApp {
             &variables,
         )
         .expect("valid test settings");
-        let store = store::connect(&settings.database_url, &settings.store, true)
-            .await
-            .expect("the test database opens and migrates");
+        let store = match store {
+            Some(store) => store,
+            None => store::connect(&settings.database_url, &settings.store, true)
+                .await
+                .expect("the test database opens and migrates"),
+        };
         let application = Application::build_with_store(settings, store.clone())
             .await
             .expect("the app builds");

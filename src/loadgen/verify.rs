@@ -1,0 +1,188 @@
+//! The loss check: every callback answered 200 must be readable through the query API.
+//!
+//! For each run with an acknowledged callback: `GET /v1/runs/{id}` shows the furthest
+//! acknowledged status, and `GET /v1/runs/{id}/events` holds exactly one event per acknowledged
+//! `(message_id, status)`, whose `duplicates` counter covers every acknowledged repeat.
+
+use anyhow::Context;
+use futures::stream::{self, StreamExt};
+use serde::Deserialize;
+
+use super::mix::Mix;
+use crate::status::StatusRank;
+
+/// Runs checked, and what was wrong (both empty when nothing was lost).
+pub struct Verdict {
+    pub runs_checked: usize,
+    pub acknowledged: usize,
+    /// Runs that do not show what was acknowledged: lost or duplicated callbacks.
+    pub problems: Vec<String>,
+    /// Runs that could not be read (the server went away, a read failed): not proof of loss,
+    /// but not proof of its absence either.
+    pub unchecked: Vec<String>,
+}
+
+/// Why one run failed its check.
+enum Failure {
+    Mismatch(String),
+    Unreadable(String),
+}
+
+#[derive(Deserialize)]
+struct RunView {
+    status: String,
+}
+
+#[derive(Deserialize)]
+struct EventView {
+    status: String,
+    duplicates: i64,
+}
+
+#[derive(Deserialize)]
+struct EventList {
+    events: Vec<EventView>,
+}
+
+/// What one run should show: `(status, times acknowledged)` per distinct callback.
+struct Expectation<'a> {
+    message_id: &'a str,
+    acknowledged: Vec<(&'static str, u32)>,
+}
+
+pub async fn verify(
+    mix: &Mix,
+    answers: &[u16],
+    base_url: &str,
+    token: &str,
+    concurrency: usize,
+    limit: Option<usize>,
+) -> anyhow::Result<Verdict> {
+    let mut acknowledged_per_callback = vec![0u32; mix.callbacks.len()];
+    let mut acknowledged = 0;
+    for (index, &status) in answers.iter().enumerate() {
+        if status == 200 {
+            acknowledged_per_callback[mix.sequence[index] as usize] += 1;
+            acknowledged += 1;
+        }
+    }
+    let mut per_run: Vec<Vec<(&'static str, u32)>> = vec![Vec::new(); mix.runs.len()];
+    for (callback, &count) in mix.callbacks.iter().zip(&acknowledged_per_callback) {
+        if count > 0 {
+            per_run[callback.run as usize].push((callback.status, count));
+        }
+    }
+    let mut expectations: Vec<Expectation> = mix
+        .runs
+        .iter()
+        .zip(per_run)
+        .filter(|(_, acknowledged)| !acknowledged.is_empty())
+        .map(|(message_id, acknowledged)| Expectation {
+            message_id,
+            acknowledged,
+        })
+        .collect();
+    if let Some(limit) = limit {
+        // An even spread over the run, not just its start.
+        let step = expectations.len().div_ceil(limit.max(1)).max(1);
+        expectations = expectations.into_iter().step_by(step).collect();
+    }
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?;
+    let runs_checked = expectations.len();
+    let failures: Vec<Failure> = stream::iter(expectations)
+        .map(|expectation| {
+            let client = &client;
+            async move { check_run(client, base_url, token, &expectation).await }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .filter_map(|result| async move {
+            match result {
+                Ok(None) => None,
+                Ok(Some(problem)) => Some(Failure::Mismatch(problem)),
+                Err(error) => Some(Failure::Unreadable(format!("{error:#}"))),
+            }
+        })
+        .collect()
+        .await;
+    let (mut problems, mut unchecked) = (Vec::new(), Vec::new());
+    for failure in failures {
+        match failure {
+            Failure::Mismatch(problem) => problems.push(problem),
+            Failure::Unreadable(problem) => unchecked.push(problem),
+        }
+    }
+    Ok(Verdict {
+        runs_checked,
+        acknowledged,
+        problems,
+        unchecked,
+    })
+}
+
+async fn check_run(
+    client: &reqwest::Client,
+    base_url: &str,
+    token: &str,
+    expected: &Expectation<'_>,
+) -> anyhow::Result<Option<String>> {
+    let id = expected.message_id;
+    let run = client
+        .get(format!("{base_url}/v1/runs/{id}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("GET /v1/runs/{id}"))?;
+    if run.status().is_server_error() || run.status() == reqwest::StatusCode::UNAUTHORIZED {
+        anyhow::bail!("GET /v1/runs/{id} answered {}", run.status());
+    }
+    if !run.status().is_success() {
+        return Ok(Some(format!(
+            "run {id}: GET /v1/runs/{id} answered {} although a callback was acknowledged",
+            run.status()
+        )));
+    }
+    let run: RunView = run.json().await.context("a run in JSON")?;
+    let furthest = expected
+        .acknowledged
+        .iter()
+        .map(|(status, _)| *status)
+        .max_by_key(|status| StatusRank::of(status))
+        .expect("only runs with an acknowledged callback are checked");
+    if run.status != furthest {
+        return Ok(Some(format!(
+            "run {id}: status is {:?}, but {furthest:?} was acknowledged",
+            run.status
+        )));
+    }
+    let events = client
+        .get(format!("{base_url}/v1/runs/{id}/events"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("GET /v1/runs/{id}/events"))?
+        .error_for_status()?;
+    let events: EventList = events.json().await.context("an event list in JSON")?;
+    for &(status, times) in &expected.acknowledged {
+        let stored: Vec<&EventView> = events
+            .events
+            .iter()
+            .filter(|event| event.status == status)
+            .collect();
+        if stored.len() != 1 {
+            return Ok(Some(format!(
+                "run {id}: {} events with status {status:?}, expected exactly 1",
+                stored.len()
+            )));
+        }
+        if stored[0].duplicates < i64::from(times) - 1 {
+            return Ok(Some(format!(
+                "run {id}: {status:?} was acknowledged {times} times but counts {} duplicates",
+                stored[0].duplicates
+            )));
+        }
+    }
+    Ok(None)
+}
