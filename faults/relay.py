@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 
@@ -170,3 +171,76 @@ def check_stored_once(db, acked):
     for pair in sorted(set(stored) - set(acked)):
         problems.append(f"{pair} stored but never acknowledged")
     return problems
+
+
+class Load:
+    """Sender threads that deliver fresh callbacks, each re-sent until acknowledged.
+
+    Every answer is recorded as (time sent, seconds taken, status or None, retry-after header),
+    so a script can judge the answers given during a fault window.
+    """
+
+    def __init__(self, port, secret, threads, prefix, max_deliveries=100_000, timeout=10.0, pause=0.0):
+        self.port, self.secret, self.prefix, self.pause = port, secret, prefix, pause
+        self.max_deliveries, self.timeout = max_deliveries, timeout
+        self.lock = threading.Lock()
+        self.answers = []
+        self.acked = set()
+        self.made = 0
+        self.unexpected = []
+        self.producing = threading.Event()
+        self.producing.set()
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def start(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def finish(self, within):
+        """Stops making new deliveries and waits until the outstanding ones are acknowledged."""
+        self.producing.clear()
+        deadline = time.monotonic() + within
+        for thread in self.threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.stopping.set()
+        return all(not thread.is_alive() for thread in self.threads)
+
+    def answers_between(self, start, end):
+        with self.lock:
+            return [a for a in self.answers if start <= a[0] < end]
+
+    def _next(self):
+        with self.lock:
+            if not self.producing.is_set() or self.made >= self.max_deliveries:
+                return None
+            self.made += 1
+            return (f"{self.prefix}-{self.made:06d}-{os.urandom(3).hex()}", "processing")
+
+    def _run(self):
+        while True:
+            pair = self._next()
+            if pair is None:
+                return
+            if self.pause:
+                time.sleep(self.pause)
+            body = callback_body(*pair)
+            while not self.stopping.is_set():
+                sent = time.monotonic()
+                try:
+                    code, headers, answer = deliver(self.port, self.secret, body, timeout=self.timeout)
+                except OSError:
+                    code, headers, answer = None, {}, b""
+                taken = time.monotonic() - sent
+                with self.lock:
+                    self.answers.append((sent, taken, code, headers.get("retry-after")))
+                if code == 200:
+                    with self.lock:
+                        self.acked.add(pair)
+                    break
+                if code not in (None, 503):
+                    with self.lock:
+                        self.unexpected.append(f"{pair}: {code} {answer[:200]!r}")
+                    break
+                time.sleep(0.1)  # as Nen would, a little later
