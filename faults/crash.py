@@ -111,6 +111,9 @@ def main():
                 kills += 1
                 time.sleep(rng.uniform(0.0, 0.3))  # senders meet a refused port meanwhile
                 server.start()
+        except BaseException:
+            done.set()  # the senders stop at once; the error is reported as it is
+            raise
         finally:
             kills_done.set()
             for thread in threads:
