@@ -464,6 +464,12 @@ async fn assert_alive(app: &TestApp, after: &str) {
 
 /// Every stored body (events and rejected payloads) must be one the test signed.
 async fn assert_only_signed_bodies_stored(app: &TestApp, signed: &HashSet<Vec<u8>>) -> usize {
+    assert_eq!(
+        app.db.backend,
+        Backend::Postgres,
+        "the check reads PostgreSQL"
+    );
+    app.store.ping().await.expect("the store still answers");
     let mut db = PgConnection::connect(&app.db.url).await.unwrap();
     let events = sqlx::query("select payload from events")
         .fetch_all(&mut db)
@@ -546,6 +552,13 @@ async fn every_hostile_request_gets_its_documented_answer() {
         growth < RSS_GROWTH_BOUND_KIB,
         "resident memory grew by {growth} KiB over the corpus"
     );
+    // Hostile requests are logged without the secrets they were checked against.
+    let logs = crate::support::logs::captured();
+    for secret in app.all_secrets() {
+        assert!(!logs.contains(&secret), "a secret reached the logs");
+    }
+    // And the server still shuts down cleanly after all of it.
+    app.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
