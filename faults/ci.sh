@@ -25,7 +25,7 @@ check crash python3 faults/crash.py --kills 3 --time-limit 180
 check slow_db python3 faults/slow_db.py --lock-seconds 4 --senders 100
 check hostile cargo test --test integration hostile
 check fuzz bash faults/fuzz.sh "${FAULTS_FUZZ_SECONDS:-30}"
-check supply_chain bash -c 'command -v cargo-deny >/dev/null || cargo install cargo-deny --locked; cargo deny --offline check bans licenses sources'
+check supply_chain bash -c 'command -v cargo-deny >/dev/null || cargo install cargo-deny --locked; cargo deny --offline --log-level error check bans licenses sources'
 check db_outage python3 faults/db_outage.py --outage-seconds 3
 
 echo "faults: $passed passed, $failed failed"
