@@ -23,7 +23,7 @@ cargo build --release --locked || { echo "faults: 0 passed, 1 failed"; exit 1; }
 
 check crash python3 faults/crash.py --kills 3 --time-limit 180
 check slow_db python3 faults/slow_db.py --lock-seconds 4 --senders 100
-check hostile cargo test --test integration hostile
+check hostile env NEN_RELAY_REQUIRE_POSTGRES=1 cargo test --test integration hostile
 check fuzz bash faults/fuzz.sh "${FAULTS_FUZZ_SECONDS:-30}"
 check supply_chain bash -c 'command -v cargo-deny >/dev/null || cargo install cargo-deny --locked; cargo deny --offline --log-level error check bans licenses sources'
 check db_outage python3 faults/db_outage.py --outage-seconds 3
