@@ -553,6 +553,32 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_of_settings_shows_no_secret() {
+        let secrets = [
+            ("NEN_WEBHOOK_SECRETS", "whsec-debug-1,whsec-debug-2"),
+            ("NEN_RELAY_API_TOKENS", "token-debug-1"),
+            ("NEN_API_KEY", "nen-key-debug"),
+            ("NEN_SIGNING_KEY", "signing-key-debug"),
+            (
+                "DATABASE_URL",
+                "postgres://relay:db-password-debug@127.0.0.1/relay",
+            ),
+        ];
+        let settings =
+            Settings::from_sources(Environment::Local, &no_files(), &vars(&secrets)).unwrap();
+        let shown = format!("{settings:?} {settings:#?}");
+        for leaked in [
+            "whsec-debug",
+            "token-debug",
+            "nen-key-debug",
+            "signing-key-debug",
+            "db-password-debug",
+        ] {
+            assert!(!shown.contains(leaked), "{leaked} appears in {shown}");
+        }
+    }
+
+    #[test]
     fn local_defaults_work_without_any_variable() {
         let settings = Settings::from_sources(Environment::Local, &no_files(), &vars(&[])).unwrap();
         assert_eq!(settings.bind.to_string(), "127.0.0.1:8080");

@@ -42,6 +42,8 @@ pub enum PayloadError {
     MissingField(&'static str),
     #[error("'{field}' must be 1 to {max} characters long")]
     BadLength { field: &'static str, max: usize },
+    #[error("'{0}' must not contain NUL characters")]
+    ContainsNul(&'static str),
 }
 
 /// Borrowing view of the body; unknown fields are skipped (and kept in the raw body).
@@ -89,7 +91,7 @@ pub fn parse_callback(body: &[u8]) -> Result<ParsedCallback, PayloadError> {
         expires_at: wire.expires_at.and_then(timestamp),
         result: wire
             .result
-            .filter(|raw| raw.get() != "null" && nesting_depth(raw.get()) <= MAX_RESULT_DEPTH)
+            .filter(|raw| raw.get() != "null" && storable_as_json_column(raw.get()))
             .map(|raw| raw.get().to_owned()),
         assets_url: optional_string(wire.assets).or_else(|| optional_string(wire.assets_url)),
         error: wire.error.and_then(error_text),
@@ -107,11 +109,45 @@ fn required_string(
     if value.is_empty() || value.chars().count() > max {
         return Err(PayloadError::BadLength { field, max });
     }
+    // Database text columns cannot hold NUL; refusing here keeps one delivery from failing
+    // the batch it would be written with.
+    if value.contains('\0') {
+        return Err(PayloadError::ContainsNul(field));
+    }
     Ok(value)
 }
 
+/// Optional fields that a text column could not hold stay in the raw body only.
 fn optional_string(raw: Option<&RawValue>) -> Option<String> {
     raw.and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+        .filter(|text| !text.contains('\0'))
+}
+
+/// Whether a `result` can go into a JSON column as well as the raw body. A JSON column refuses
+/// absurd nesting, `\u0000`, lone surrogates and numbers beyond any float; such a result stays
+/// in the raw body only, so that one delivery cannot fail the batch it is written with.
+fn storable_as_json_column(json: &str) -> bool {
+    nesting_depth(json) <= MAX_RESULT_DEPTH
+        && !has_nul_escape(json)
+        && serde_json::from_str::<serde_json::Value>(json).is_ok()
+}
+
+/// `\u0000` in any case, not preceded by an escaping backslash.
+fn has_nul_escape(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'\\' {
+            let escape = &bytes[index + 1..];
+            if escape.len() >= 5 && escape[0] == b'u' && &escape[1..5] == b"0000" {
+                return true;
+            }
+            index += 2; // skip the escaped character, whatever it is
+            continue;
+        }
+        index += 1;
+    }
+    false
 }
 
 /// `expires_at` is documented as Unix seconds; milliseconds and RFC 3339 are accepted too, since
@@ -173,8 +209,10 @@ fn nesting_depth(json: &str) -> usize {
 /// `error` is documented as the exception message; any other JSON is kept as its text.
 fn error_text(raw: &RawValue) -> Option<String> {
     match serde_json::from_str::<String>(raw.get()) {
+        Ok(text) if text.contains('\0') => None,
         Ok(text) => Some(text),
         Err(_) if raw.get() == "null" => None,
+        Err(_) if has_nul_escape(raw.get()) => None,
         Err(_) => Some(raw.get().to_owned()),
     }
 }
@@ -297,6 +335,45 @@ mod tests {
                 .result
                 .as_deref(),
             Some(r#"{"a":[{"b":"]]]"}]}"#)
+        );
+    }
+
+    #[test]
+    fn values_a_database_column_cannot_hold_stay_in_the_raw_body() {
+        assert_eq!(
+            parse_callback(br#"{"message_id":"m\u0000","status":"s"}"#),
+            Err(PayloadError::ContainsNul("message_id"))
+        );
+        assert_eq!(
+            parse_callback(br#"{"message_id":"m","status":"s\u0000"}"#),
+            Err(PayloadError::ContainsNul("status"))
+        );
+        let odd = parse_callback(
+            br#"{"message_id":"m","status":"s","workflow_id":"w\u0000","error":{"e":"\u0000"},"assets":"\u0000"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (odd.workflow_id, odd.error, odd.assets_url),
+            (None, None, None)
+        );
+        for result in [
+            r#"{"a":"\u0000"}"#,
+            r#"{"a":"\ud800"}"#,
+            r#"{"a":1e999999}"#,
+            r#"[-1e400]"#,
+        ] {
+            let body = format!(r#"{{"message_id":"m","status":"s","result":{result}}}"#);
+            assert_eq!(
+                parse_callback(body.as_bytes()).unwrap().result,
+                None,
+                "{result}"
+            );
+        }
+        let kept = r#"{"a":"\\u0000","big":123456789012345678901234567890}"#;
+        let body = format!(r#"{{"message_id":"m","status":"s","result":{kept}}}"#);
+        assert_eq!(
+            parse_callback(body.as_bytes()).unwrap().result.as_deref(),
+            Some(kept)
         );
     }
 

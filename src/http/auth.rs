@@ -74,6 +74,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tokens_of_any_length_are_compared_as_fixed_size_digests() {
+        let tokens = ApiTokens::new(&[SecretString::from("t".repeat(40))]);
+        assert!(tokens.digests.iter().all(|digest| digest.len() == 32));
+        assert!(tokens.accepts("t".repeat(40).as_bytes()));
+        for presented in [
+            "",
+            "t",
+            &"t".repeat(39),
+            &"t".repeat(41),
+            &"t".repeat(10_000),
+        ] {
+            assert!(
+                !tokens.accepts(presented.as_bytes()),
+                "{} bytes",
+                presented.len()
+            );
+        }
+        // No token is configured: nothing is accepted, not even an empty one.
+        assert!(!ApiTokens::new(&[]).accepts(b""));
+    }
+
+    #[test]
     fn parses_bearer_tokens_only() {
         assert_eq!(bearer_token(b"Bearer abc"), Some(&b"abc"[..]));
         assert_eq!(bearer_token(b"bearer abc "), Some(&b"abc"[..]));

@@ -77,7 +77,12 @@ async fn handle(
                 reason: problem.to_string(),
                 received_at,
             };
-            state.store.record_rejected_payload(&rejected).await?;
+            tokio::time::timeout(
+                state.settings.ack_timeout(),
+                state.store.record_rejected_payload(&rejected),
+            )
+            .await
+            .map_err(|_| ApiError::Unavailable("the store did not commit in time".into()))??;
             return Err(ApiError::InvalidPayload(problem.to_string()));
         }
     };

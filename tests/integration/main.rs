@@ -4,6 +4,7 @@ mod support;
 
 mod callbacks;
 mod group_commit;
+mod hostile;
 mod operations;
 mod query;
 mod store_behaviour;

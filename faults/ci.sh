@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Short forms of every fault check, for CI: bash faults/ci.sh
+# Builds what it needs, runs each check even when an earlier one failed, and exits non-zero if
+# any failed. The database outage runs last: it stops the shared PostgreSQL for a few seconds.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+passed=0
+failed=0
+check() {
+    local name="$1"
+    shift
+    echo "== faults: $name"
+    if "$@"; then
+        passed=$((passed + 1))
+    else
+        failed=$((failed + 1))
+        echo "== faults: $name FAILED"
+    fi
+}
+
+cargo build --release --locked || { echo "faults: 0 passed, 1 failed"; exit 1; }
+
+check crash python3 faults/crash.py --kills 3 --time-limit 180
+check slow_db python3 faults/slow_db.py --lock-seconds 4 --senders 100
+check hostile env NEN_RELAY_REQUIRE_POSTGRES=1 cargo test --test integration hostile
+# The first fuzz build compiles every dependency with sanitizers: FAULTS_SKIP_FUZZ=1 skips it.
+if [ "${FAULTS_SKIP_FUZZ:-0}" != 1 ]; then
+    check fuzz bash faults/fuzz.sh "${FAULTS_FUZZ_SECONDS:-30}"
+fi
+check supply_chain bash -c 'command -v cargo-deny >/dev/null || cargo install cargo-deny --locked; cargo deny --offline --log-level error check bans licenses sources'
+check db_outage python3 faults/db_outage.py --outage-seconds 3
+
+echo "faults: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

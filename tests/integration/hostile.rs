@@ -1,0 +1,810 @@
+//! Hostile input on `POST /webhooks/nen`: every request of a corpus gets the status SPEC.md (or
+//! docs/failure-modes.md, where SPEC leaves it open) fixes, nothing unsigned is stored, the
+//! server keeps answering, and memory stays bounded.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection, Row};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::app::callback;
+use crate::support::backends::fresh_database;
+use crate::support::{Backend, TestApp};
+
+const LIMIT: usize = 1024 * 1024;
+/// Generous: the corpus sends a few MiB in all; a leak or a per-request blow-up would show.
+const RSS_GROWTH_BOUND_KIB: u64 = 256 * 1024;
+
+enum Signature {
+    Unsigned,
+    /// Signed with the app's first secret.
+    Valid,
+    Raw(Vec<u8>),
+    /// The valid signature, sent twice.
+    Twice,
+    /// A valid one, then a wrong one.
+    ValidThenWrong,
+}
+
+struct Case {
+    name: &'static str,
+    body: Vec<u8>,
+    signature: Signature,
+    content_type: Option<&'static [u8]>,
+    expect: StatusCode,
+}
+
+fn case(name: &'static str, body: impl Into<Vec<u8>>, signature: Signature, expect: u16) -> Case {
+    Case {
+        name,
+        body: body.into(),
+        signature,
+        content_type: Some(b"application/json"),
+        expect: StatusCode::from_u16(expect).unwrap(),
+    }
+}
+
+fn with_content_type(mut case: Case, content_type: Option<&'static [u8]>) -> Case {
+    case.content_type = content_type;
+    case
+}
+
+fn code_for(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        413 => "payload_too_large",
+        401 => "invalid_signature",
+        400 => "invalid_payload",
+        408 => "request_timeout",
+        _ => "",
+    }
+}
+
+fn body_with(message_id: &str, extra: &str) -> String {
+    format!(r#"{{"workflow_id":"w","message_id":"{message_id}","status":"processing"{extra}}}"#)
+}
+
+fn deep(depth: usize) -> String {
+    format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+fn corpus() -> Vec<Case> {
+    use Signature::*;
+    let good = callback("hostile-unsigned", "processing", json!({}));
+    let hex64 = "ab".repeat(32);
+    let mut cases = vec![
+        // 1. Size comes first, signed or not.
+        case(
+            "unsigned, over the limit",
+            vec![b' '; LIMIT + 1],
+            Unsigned,
+            413,
+        ),
+        case("signed, over the limit", vec![b' '; LIMIT + 1], Valid, 413),
+        case(
+            "unsigned, 2 bytes over",
+            vec![b' '; LIMIT + 2],
+            Unsigned,
+            413,
+        ),
+        case(
+            "message_id of 1 MiB",
+            body_with(&"m".repeat(LIMIT), ""),
+            Valid,
+            413,
+        ),
+        // 2. Signature.
+        case("no signature header", good.clone(), Unsigned, 401),
+        case("empty signature", good.clone(), Raw(b"".to_vec()), 401),
+        case("label only", good.clone(), Raw(b"sha256=".to_vec()), 401),
+        case(
+            "sha1 label",
+            good.clone(),
+            Raw(format!("sha1={hex64}").into()),
+            401,
+        ),
+        case(
+            "upper-case label",
+            good.clone(),
+            Raw(format!("SHA256={hex64}").into()),
+            401,
+        ),
+        case(
+            "63 hex digits",
+            good.clone(),
+            Raw(format!("sha256={}", &hex64[..63]).into()),
+            401,
+        ),
+        case(
+            "65 hex digits",
+            good.clone(),
+            Raw(format!("sha256={hex64}0").into()),
+            401,
+        ),
+        case(
+            "not hex",
+            good.clone(),
+            Raw(format!("sha256={}", "zz".repeat(32)).into()),
+            401,
+        ),
+        case(
+            "wrong digest",
+            good.clone(),
+            Raw(format!("sha256={hex64}").into()),
+            401,
+        ),
+        case(
+            "10 KB signature",
+            good.clone(),
+            Raw(vec![b'a'; 10_000]),
+            401,
+        ),
+        case(
+            "non-ASCII signature bytes",
+            good.clone(),
+            Raw(vec![0xff; 71]),
+            401,
+        ),
+        case("two valid signature headers", good.clone(), Twice, 401),
+        case(
+            "valid then wrong signature header",
+            good.clone(),
+            ValidThenWrong,
+            401,
+        ),
+        case(
+            "unsigned non-UTF-8 body",
+            vec![0xff, 0xfe, 0x00, 0x80],
+            Unsigned,
+            401,
+        ),
+        case("unsigned empty body", "", Unsigned, 401),
+        case("unsigned 10,000-deep nesting", deep(10_000), Unsigned, 401),
+        case("unsigned NUL bytes", vec![0u8; 64], Unsigned, 401),
+        // 3. Signed, but not a callback: 400, body kept.
+        case("signed empty body", "", Valid, 400),
+        case("signed non-UTF-8 body", vec![0xff, 0xfe, 0xfd], Valid, 400),
+        case(
+            "invalid UTF-8 inside a string",
+            b"{\"message_id\":\"\xc3\x28\",\"status\":\"s\"}".to_vec(),
+            Valid,
+            400,
+        ),
+        case(
+            "raw NUL byte in the body",
+            b"{\"message_id\":\"a\0b\",\"status\":\"s\"}".to_vec(),
+            Valid,
+            400,
+        ),
+        case("only NUL bytes", vec![0u8; 64], Valid, 400),
+        case(
+            "escaped NUL in message_id",
+            body_with("a\\u0000b", ""),
+            Valid,
+            400,
+        ),
+        case(
+            "escaped NUL in status",
+            r#"{"message_id":"hostile-nul-status","status":"s\u0000"}"#,
+            Valid,
+            400,
+        ),
+        case(
+            "lone surrogate in message_id",
+            body_with("\\ud800", ""),
+            Valid,
+            400,
+        ),
+        case("JSON array", "[1,2,3]", Valid, 400),
+        case("JSON string", "\"message_id\"", Valid, 400),
+        case("JSON null", "null", Valid, 400),
+        case(
+            "enormous number as message_id",
+            r#"{"message_id":1e999999,"status":"s"}"#,
+            Valid,
+            400,
+        ),
+        case(
+            "huge integer as status",
+            format!(r#"{{"message_id":"m","status":{}}}"#, "9".repeat(5000)),
+            Valid,
+            400,
+        ),
+        case("empty message_id", body_with("", ""), Valid, 400),
+        case(
+            "201-character message_id",
+            body_with(&"x".repeat(201), ""),
+            Valid,
+            400,
+        ),
+        case(
+            "missing status",
+            r#"{"message_id":"hostile-no-status"}"#,
+            Valid,
+            400,
+        ),
+        case(
+            "duplicated message_id key",
+            r#"{"message_id":"a","message_id":"b","status":"s"}"#,
+            Valid,
+            400,
+        ),
+        case("10,000-deep array", deep(10_000), Valid, 400),
+        case(
+            "10,000-deep object",
+            format!("{}{}", r#"{"a":"#.repeat(10_000), "}".repeat(10_000)),
+            Valid,
+            400,
+        ),
+        case(
+            "truncated JSON",
+            r#"{"message_id":"m","status":"#,
+            Valid,
+            400,
+        ),
+        case(
+            "trailing garbage",
+            format!("{}xyz", body_with("hostile-trailing", "")),
+            Valid,
+            400,
+        ),
+        case(
+            "byte-order mark",
+            [
+                &[0xef, 0xbb, 0xbf][..],
+                body_with("hostile-bom", "").as_bytes(),
+            ]
+            .concat(),
+            Valid,
+            400,
+        ),
+        case("unterminated string", "{\"message_id\":\"m", Valid, 400),
+        // 5. Signed and a callback: 200, whatever else is odd about it.
+        with_content_type(
+            case(
+                "text/plain content type",
+                body_with("hostile-text-plain", ""),
+                Valid,
+                200,
+            ),
+            Some(b"text/plain"),
+        ),
+        with_content_type(
+            case(
+                "no content type",
+                body_with("hostile-no-ct", ""),
+                Valid,
+                200,
+            ),
+            None,
+        ),
+        with_content_type(
+            case(
+                "form content type",
+                body_with("hostile-form", ""),
+                Valid,
+                200,
+            ),
+            Some(b"application/x-www-form-urlencoded"),
+        ),
+        with_content_type(
+            case(
+                "garbage content type",
+                body_with("hostile-garbage-ct", ""),
+                Valid,
+                200,
+            ),
+            Some(b"\xff;;;/"),
+        ),
+        case(
+            "10,000-deep nesting in an unknown field",
+            body_with("hostile-deep-field", &format!(r#","x":{}"#, deep(10_000))),
+            Valid,
+            200,
+        ),
+        case(
+            "10,000-deep result",
+            body_with(
+                "hostile-deep-result",
+                &format!(r#","result":{}"#, deep(10_000)),
+            ),
+            Valid,
+            200,
+        ),
+        case(
+            "escaped NUL in result",
+            body_with("hostile-nul-result", r#","result":{"a":"\u0000"}"#),
+            Valid,
+            200,
+        ),
+        case(
+            "escaped NUL in workflow_id and error",
+            r#"{"message_id":"hostile-nul-fields","status":"failed","workflow_id":"\u0000","error":"\u0000"}"#,
+            Valid,
+            200,
+        ),
+        case(
+            "lone surrogate in result",
+            body_with("hostile-surrogate-result", r#","result":["\udc00"]"#),
+            Valid,
+            200,
+        ),
+        case(
+            "enormous float in result",
+            body_with("hostile-big-float", r#","result":{"n":1e999999}"#),
+            Valid,
+            200,
+        ),
+        case(
+            "enormous integer in result",
+            body_with(
+                "hostile-big-int",
+                &format!(r#","result":{{"n":{}}}"#, "9".repeat(10_000)),
+            ),
+            Valid,
+            200,
+        ),
+        case(
+            "enormous expires_at",
+            body_with("hostile-expires", r#","expires_at":1e308"#),
+            Valid,
+            200,
+        ),
+        case(
+            "negative expires_at",
+            body_with("hostile-expires-neg", r#","expires_at":-1e20"#),
+            Valid,
+            200,
+        ),
+        case(
+            "unicode message_id",
+            body_with("hostile-ünï-😀", ""),
+            Valid,
+            200,
+        ),
+        case(
+            "200-character message_id",
+            body_with(&"y".repeat(200), ""),
+            Valid,
+            200,
+        ),
+        case(
+            "whitespace around the object",
+            format!("\n\t {} \r\n", body_with("hostile-ws", "")),
+            Valid,
+            200,
+        ),
+        case(
+            "many unknown fields",
+            body_with(
+                "hostile-many-fields",
+                &(0..5_000)
+                    .map(|i| format!(r#","k{i}":{i}"#))
+                    .collect::<String>(),
+            ),
+            Valid,
+            200,
+        ),
+    ];
+    cases.push(case(
+        "exactly at the limit",
+        {
+            let mut body = body_with("hostile-at-limit", "").into_bytes();
+            body.resize(LIMIT, b' ');
+            body
+        },
+        Valid,
+        200,
+    ));
+    cases
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn send(app: &TestApp, case: &Case) -> reqwest::Response {
+    let mut headers = HeaderMap::new();
+    if let Some(content_type) = case.content_type {
+        headers.insert(CONTENT_TYPE, HeaderValue::from_bytes(content_type).unwrap());
+    }
+    let name = HeaderName::from_static("x-hmac-signature");
+    let valid = HeaderValue::from_str(&app.signature(&case.body)).unwrap();
+    match &case.signature {
+        Signature::Unsigned => {}
+        Signature::Valid => {
+            headers.insert(name, valid);
+        }
+        Signature::Raw(value) => {
+            headers.insert(name, HeaderValue::from_bytes(value).unwrap());
+        }
+        Signature::Twice => {
+            headers.append(name.clone(), valid.clone());
+            headers.append(name, valid);
+        }
+        Signature::ValidThenWrong => {
+            headers.append(name.clone(), valid);
+            let wrong = format!("sha256={}", "00".repeat(32));
+            headers.append(name, HeaderValue::from_str(&wrong).unwrap());
+        }
+    }
+    app.client
+        .post(app.url("/webhooks/nen"))
+        .headers(headers)
+        .body(case.body.clone())
+        .send()
+        .await
+        .unwrap_or_else(|error| panic!("{}: no answer: {error}", case.name))
+}
+
+async fn assert_alive(app: &TestApp, after: &str) {
+    // A fresh connection each time: the header read timeout also closes idle keep-alive
+    // connections, and a pooled one could be closed just as it is reused.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let response = client
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .unwrap_or_else(|error| panic!("no /healthz answer after {after}: {error}"));
+    assert_eq!(response.status(), StatusCode::OK, "/healthz after {after}");
+}
+
+/// Every stored body (events and rejected payloads) must be one the test signed.
+async fn assert_only_signed_bodies_stored(app: &TestApp, signed: &HashSet<Vec<u8>>) -> usize {
+    assert_eq!(
+        app.db.backend,
+        Backend::Postgres,
+        "the check reads PostgreSQL"
+    );
+    app.store.ping().await.expect("the store still answers");
+    let mut db = PgConnection::connect(&app.db.url).await.unwrap();
+    let events = sqlx::query("select payload from events")
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+    let rejected = sqlx::query("select body from rejected_payloads")
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+    for row in &events {
+        let payload: String = row.get(0);
+        assert!(
+            signed.contains(payload.as_bytes()),
+            "an unsigned event was stored: {:.200}",
+            payload
+        );
+    }
+    for row in &rejected {
+        let body: Vec<u8> = row.get(0);
+        assert!(
+            signed.contains(&body),
+            "an unsigned body was kept: {:.200?}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    events.len() + rejected.len()
+}
+
+async fn postgres_app(
+    adjust: impl FnOnce(&mut std::collections::BTreeMap<String, String>),
+) -> Option<TestApp> {
+    let db = fresh_database(Backend::Postgres).await?;
+    Some(TestApp::spawn_with(db, adjust).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_hostile_request_gets_its_documented_answer() {
+    let Some(app) = postgres_app(|_| {}).await else {
+        return;
+    };
+    let before = rss_kib();
+    let corpus = corpus();
+    assert!(corpus.len() >= 50, "the corpus has {} cases", corpus.len());
+    let mut signed = HashSet::new();
+    let mut accepted = 0;
+    let mut rejected = 0;
+    for case in &corpus {
+        if matches!(case.signature, Signature::Valid) && case.body.len() <= LIMIT {
+            signed.insert(case.body.clone());
+        }
+        let response = send(&app, case).await;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, case.expect, "{}: answered {body}", case.name);
+        if status == StatusCode::OK {
+            assert_eq!(body["received"], true, "{}", case.name);
+            accepted += 1;
+        } else {
+            assert_eq!(body["error"], code_for(status), "{}: {body}", case.name);
+            assert!(body["message"].is_string(), "{}: {body}", case.name);
+            rejected += usize::from(status == StatusCode::BAD_REQUEST);
+        }
+        assert_alive(&app, case.name).await;
+    }
+    let stored = assert_only_signed_bodies_stored(&app, &signed).await;
+    assert_eq!(
+        stored,
+        accepted + rejected,
+        "one stored row per 200 and per 400"
+    );
+    // The runs listing holds exactly the accepted callbacks, none of the unsigned ones.
+    let listing = app.get_json("/v1/runs?limit=500").await;
+    let runs = listing["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), accepted);
+    assert!(runs
+        .iter()
+        .all(|run| run["message_id"] != "hostile-unsigned"));
+    let growth = rss_kib().saturating_sub(before);
+    assert!(
+        growth < RSS_GROWTH_BOUND_KIB,
+        "resident memory grew by {growth} KiB over the corpus"
+    );
+    // Hostile requests are logged without the secrets they were checked against.
+    let logs = crate::support::logs::captured();
+    for secret in app.all_secrets() {
+        assert!(!logs.contains(&secret), "a secret reached the logs");
+    }
+    // And the server still shuts down cleanly after all of it.
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_raised_limit_huge_fields_are_refused_or_taken_by_shape() {
+    let Some(app) = postgres_app(|vars| {
+        vars.insert(
+            "NEN_RELAY_WEBHOOK__MAX_BODY_BYTES".into(),
+            (8 * LIMIT).to_string(),
+        );
+    })
+    .await
+    else {
+        return;
+    };
+    let before = rss_kib();
+    let huge_id = body_with(&"m".repeat(LIMIT), "");
+    let response = app.deliver(&huge_id).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_alive(&app, "a 1 MiB message_id").await;
+
+    let keys: String = (0..100_000).map(|i| format!(r#","{i:x}":0"#)).collect();
+    let many_keys = body_with("hostile-100k-keys", &keys);
+    assert!(many_keys.len() < 8 * LIMIT);
+    let response = app.deliver(&many_keys).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_alive(&app, "an object with 100k keys").await;
+    assert_eq!(app.events("hostile-100k-keys").await.len(), 1);
+
+    let signed = HashSet::from([huge_id.into_bytes(), many_keys.into_bytes()]);
+    assert_eq!(assert_only_signed_bodies_stored(&app, &signed).await, 2);
+    let growth = rss_kib().saturating_sub(before);
+    assert!(
+        growth < RSS_GROWTH_BOUND_KIB,
+        "resident memory grew by {growth} KiB"
+    );
+}
+
+/// Reads what the server sends until it closes (or `limit` passes), while `trickle` bytes are
+/// written one per second. Returns the bytes read.
+async fn exchange(address: &str, head: &[u8], trickle: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(address.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stream.write_all(head).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let trickle = trickle.to_vec();
+    let writing = tokio::spawn(async move {
+        for byte in trickle {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if writer.write_all(&[byte]).await.is_err() {
+                break;
+            }
+        }
+        writer
+    });
+    let mut answer = Vec::new();
+    // A bound so that a server that never answers fails the test instead of hanging it.
+    let _ = tokio::time::timeout(Duration::from_secs(30), reader.read_to_end(&mut answer)).await;
+    writing.abort();
+    answer
+}
+
+fn status_line(answer: &[u8]) -> String {
+    String::from_utf8_lossy(answer)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_malformed_http_is_cut_off() {
+    let Some(app) = postgres_app(|vars| {
+        vars.insert("NEN_RELAY_WEBHOOK__BODY_TIMEOUT_MS".into(), "500".into());
+        vars.insert(
+            "NEN_RELAY_HTTP__HEADER_READ_TIMEOUT_MS".into(),
+            "500".into(),
+        );
+    })
+    .await
+    else {
+        return;
+    };
+    let before = rss_kib();
+    let body = callback("hostile-slow", "processing", json!({}));
+    let signature = app.signature(body.as_bytes());
+
+    // A body sent one byte per second: 408 request_timeout, nothing stored.
+    let head = format!(
+        "POST /webhooks/nen HTTP/1.1\r\nHost: x\r\nX-Hmac-Signature: {signature}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let answer = exchange(&app.address, head.as_bytes(), body.as_bytes()).await;
+    assert!(
+        status_line(&answer).starts_with("HTTP/1.1 408"),
+        "slow body: {:?}",
+        status_line(&answer)
+    );
+    assert!(String::from_utf8_lossy(&answer).contains("request_timeout"));
+    assert_alive(&app, "a slow body").await;
+
+    // Headers sent slowly (never finished): the connection is closed without a 2xx.
+    let answer = exchange(
+        &app.address,
+        b"POST /webhooks/nen HTTP/1.1\r\nHost: x\r\n",
+        b"X-Slow: 1",
+    )
+    .await;
+    assert!(
+        !status_line(&answer).starts_with("HTTP/1.1 2"),
+        "slow headers: {:?}",
+        status_line(&answer)
+    );
+    assert_alive(&app, "slow headers").await;
+
+    // Malformed HTTP: hyper answers 4xx or closes; never 2xx, never a panic.
+    let huge_header = format!(
+        "POST /webhooks/nen HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nContent-Length: 2\r\n\r\n{{}}",
+        "a".repeat(512 * 1024)
+    );
+    let malformed: Vec<(&str, Vec<u8>)> = vec![
+        ("oversized header", huge_header.into_bytes()),
+        ("garbage request line", b"GARBAGE\r\n\r\n".to_vec()),
+        ("binary junk", vec![0u8, 0xff, 0x13, 0x37, b'\r', b'\n', b'\r', b'\n']),
+        (
+            "Content-Length and chunked together",
+            format!(
+                "POST /webhooks/nen HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\
+                 Transfer-Encoding: chunked\r\nX-Hmac-Signature: {signature}\r\n\r\n0\r\n\r\n"
+            )
+            .into_bytes(),
+        ),
+        (
+            "two different Content-Lengths",
+            b"POST /webhooks/nen HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}x"
+                .to_vec(),
+        ),
+        (
+            "non-numeric Content-Length",
+            b"POST /webhooks/nen HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n".to_vec(),
+        ),
+        (
+            "invalid chunk size",
+            format!(
+                "POST /webhooks/nen HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+                 X-Hmac-Signature: {signature}\r\n\r\nzz\r\n{body}\r\n0\r\n\r\n"
+            )
+            .into_bytes(),
+        ),
+        (
+            "body shorter than Content-Length, then closed",
+            format!(
+                "POST /webhooks/nen HTTP/1.1\r\nHost: x\r\nX-Hmac-Signature: {signature}\r\n\
+                 Content-Length: {}\r\n\r\n{}",
+                body.len() + 10,
+                body
+            )
+            .into_bytes(),
+        ),
+    ];
+    for (name, request) in &malformed {
+        let mut stream = TcpStream::connect(app.address.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        let _ = stream.write_all(request).await;
+        if name.starts_with("body shorter") {
+            let _ = stream.shutdown().await;
+        }
+        let mut answer = Vec::new();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer)).await;
+        let line = status_line(&answer);
+        assert!(
+            answer.is_empty() || line.starts_with("HTTP/1.1 4"),
+            "{name}: {line:?}"
+        );
+        assert_alive(&app, name).await;
+    }
+
+    // A declared length over the limit is refused before a byte of the body is read.
+    let head = format!(
+        "POST /webhooks/nen HTTP/1.1\r\nHost: x\r\nX-Hmac-Signature: {signature}\r\n\
+         Content-Length: {}\r\n\r\n",
+        4 * LIMIT
+    );
+    let answer = exchange(&app.address, head.as_bytes(), b"").await;
+    assert!(
+        status_line(&answer).starts_with("HTTP/1.1 413"),
+        "declared 4 MiB: {:?}",
+        status_line(&answer)
+    );
+    assert_alive(&app, "a declared 4 MiB body").await;
+
+    // A chunked body over the limit: no Content-Length to refuse early, so 413 while reading.
+    let chunk = vec![b' '; 64 * 1024];
+    let mut chunked = format!(
+        "POST /webhooks/nen HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+         X-Hmac-Signature: {signature}\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..(LIMIT / chunk.len() + 1) {
+        chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        chunked.extend_from_slice(&chunk);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let mut stream = TcpStream::connect(app.address.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = stream.split();
+    let (_, answer) = tokio::join!(writer.write_all(&chunked), async {
+        let mut answer = Vec::new();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(30), reader.read_to_end(&mut answer)).await;
+        answer
+    });
+    assert!(
+        status_line(&answer).starts_with("HTTP/1.1 413"),
+        "chunked: {:?}",
+        status_line(&answer)
+    );
+    assert!(String::from_utf8_lossy(&answer).contains("payload_too_large"));
+    assert_alive(&app, "a chunked body over the limit").await;
+
+    // A chunked body within the limit is read and accepted like any other.
+    let within = callback("hostile-chunked", "processing", json!({}));
+    let request = format!(
+        "POST /webhooks/nen HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+         X-Hmac-Signature: {}\r\nConnection: close\r\n\r\n{:x}\r\n{within}\r\n0\r\n\r\n",
+        app.signature(within.as_bytes()),
+        within.len()
+    );
+    let answer = exchange(&app.address, request.as_bytes(), b"").await;
+    assert!(
+        status_line(&answer).starts_with("HTTP/1.1 200"),
+        "chunked within: {:?}",
+        status_line(&answer)
+    );
+
+    // Nothing but the one complete, signed callback was stored.
+    let signed = HashSet::from([within.into_bytes()]);
+    assert_eq!(assert_only_signed_bodies_stored(&app, &signed).await, 1);
+    let growth = rss_kib().saturating_sub(before);
+    assert!(
+        growth < RSS_GROWTH_BOUND_KIB,
+        "resident memory grew by {growth} KiB"
+    );
+}
