@@ -507,7 +507,7 @@ async fn postgres_app(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_hostile_request_gets_its_documented_answer() {
-    let Some(app) = postgres_app(|_| {}).await else {
+    let Some(mut app) = postgres_app(|_| {}).await else {
         return;
     };
     let before = rss_kib();
