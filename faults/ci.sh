@@ -23,7 +23,7 @@ cargo build --release --locked || { echo "faults: 0 passed, 1 failed"; exit 1; }
 
 check crash python3 faults/crash.py --kills 3 --time-limit 180
 check slow_db python3 faults/slow_db.py --lock-seconds 4 --senders 100
-check hostile env NEN_RELAY_REQUIRE_POSTGRES=1 cargo test --test integration hostile
+# The hostile-input corpus is part of `cargo test` (tests/integration/hostile.rs).
 # The first fuzz build compiles every dependency with sanitizers: FAULTS_SKIP_FUZZ=1 skips it.
 if [ "${FAULTS_SKIP_FUZZ:-0}" != 1 ]; then
     check fuzz bash faults/fuzz.sh "${FAULTS_FUZZ_SECONDS:-30}"

@@ -200,11 +200,11 @@ pub struct IngestSettings {
 impl Default for IngestSettings {
     fn default() -> Self {
         // Several commits in flight: while one waits for its WAL flush, others fill their
-        // batches, and PostgreSQL flushes concurrent commits together. Measured with
-        // bench/compare.sh (docs/performance.md): 2 writers left 16 connections waiting on
-        // one or two commits at a time.
+        // batches, and PostgreSQL flushes concurrent commits together. Measured on 2 cores
+        // (docs/performance.md): 2-3 writers leave requests waiting on one or two commits,
+        // and beyond about 8 the extra backends compete for the CPU and batches shrink.
         Self {
-            writers: 12,
+            writers: 8,
             max_batch: 256,
             queue_capacity: 4096,
         }

@@ -126,8 +126,8 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
-            // The ingest writers (12 by default) plus room for reads and health checks.
-            max_connections: 20,
+            // The ingest writers (8 by default) plus room for reads and health checks.
+            max_connections: 16,
             acquire_timeout: Duration::from_millis(1000),
             statement_timeout: Duration::from_millis(1500),
         }
