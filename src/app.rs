@@ -194,7 +194,6 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
-        .layer(middleware::from_fn(record_request_metrics))
         .layer(
             ServiceBuilder::new()
                 .layer(SetSensitiveRequestHeadersLayer::new([
@@ -219,6 +218,8 @@ pub fn router(state: AppState) -> Router {
                 .load_shed()
                 .concurrency_limit(max_in_flight),
         )
+        // Outermost, so that requests shed by the in-flight limit are counted too.
+        .layer(middleware::from_fn(record_request_metrics))
 }
 
 /// One span per request, named by the matched route (low cardinality), with the request id.

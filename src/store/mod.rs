@@ -4,9 +4,11 @@
 //! leaks `sqlx` types past this module. Both backends share the batch planning in [`plan`], so
 //! deduplication and forward-only status are decided by one piece of code.
 
+mod forward_only;
 pub mod model;
 pub mod plan;
 pub mod postgres;
+mod run_row;
 pub mod sqlite;
 
 use std::sync::Arc;

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -13,8 +14,10 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::query::QueryAs;
 use sqlx::{Postgres, Transaction};
 
+use super::forward_only::run_conflict_clause;
 use super::model::*;
 use super::plan::{BatchPlan, RunChange};
+use super::run_row;
 use super::{Store, StoreError, StoreOptions};
 
 /// Deadlocks and serialization failures between concurrent writers are retried this often.
@@ -165,35 +168,40 @@ const COUNT_DUPLICATES: &str = "\
 
 /// Creates or moves forward every run that got a new event. Parameters `$1..$11`; returns
 /// `(message_id, final status)` per run.
-///
-/// `advances` below means the new status is further than the stored one. Only then do the
-/// fields that belong to a status (completion, result, assets, error) change; a late
-/// `processing` may still fill in a missing workflow_id or expiry.
-const APPLY_RUN_CHANGES: &str = "\
-    insert into runs as r (message_id, workflow_id, status, status_rank, created_at, \
-                           updated_at, completed_at, expires_at, result, assets_url, error) \
-    select m, w, s, k, c, u, d, e, res::jsonb, a, er \
-    from unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::timestamptz[], \
-                $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::text[], \
-                $10::text[], $11::text[]) as t(m, w, s, k, c, u, d, e, res, a, er) \
-    on conflict (message_id) do update set \
-        status = case when excluded.status_rank > r.status_rank \
-                      then excluded.status else r.status end, \
-        status_rank = greatest(r.status_rank, excluded.status_rank), \
-        workflow_id = coalesce(r.workflow_id, excluded.workflow_id), \
-        updated_at = greatest(r.updated_at, excluded.updated_at), \
-        completed_at = case when excluded.status_rank > r.status_rank \
-                            then excluded.completed_at else r.completed_at end, \
-        expires_at = case when excluded.status_rank > r.status_rank \
-                          then coalesce(excluded.expires_at, r.expires_at) \
-                          else coalesce(r.expires_at, excluded.expires_at) end, \
-        result = case when excluded.status_rank > r.status_rank \
-                      then excluded.result else r.result end, \
-        assets_url = case when excluded.status_rank > r.status_rank \
-                          then excluded.assets_url else r.assets_url end, \
-        error = case when excluded.status_rank > r.status_rank \
-                     then excluded.error else r.error end \
-    returning message_id, status";
+static APPLY_RUN_CHANGES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "insert into runs as r (message_id, workflow_id, status, status_rank, created_at, \
+                                updated_at, completed_at, expires_at, result, assets_url, error) \
+         select m, w, s, k, c, u, d, e, res::jsonb, a, er \
+         from unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::timestamptz[], \
+                     $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::text[], \
+                     $10::text[], $11::text[]) as t(m, w, s, k, c, u, d, e, res, a, er) \
+         {} \
+         returning message_id, status",
+        run_conflict_clause("greatest")
+    )
+});
+
+/// `settle`'s three statements, built once: repeats only, run changes only, or both.
+static SETTLE_COUNT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "with counted as ({COUNT_DUPLICATES}) select message_id, status, body_sha256 from counted"
+    )
+});
+static SETTLE_MOVE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "with moved as ({}) select message_id, status, null::bytea from moved",
+        *APPLY_RUN_CHANGES
+    )
+});
+static SETTLE_BOTH: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "with counted as ({COUNT_DUPLICATES}), moved as ({}) \
+         select message_id, status, body_sha256 from counted \
+         union all select message_id, status, null::bytea from moved",
+        renumber_parameters(&APPLY_RUN_CHANGES, 4)
+    )
+});
 
 /// Every copy of a group that did not become a new event, as `COUNT_DUPLICATES` binds them.
 struct Copies<'a> {
@@ -313,25 +321,18 @@ async fn settle(
     {
         (true, true) => Vec::new(),
         (false, true) => {
-            let sql =
-                format!("with counted as ({COUNT_DUPLICATES}) select message_id, status, body_sha256 from counted");
             copies
-                .bind(sqlx::query_as(&sql))
+                .bind(sqlx::query_as(&SETTLE_COUNT))
                 .fetch_all(&mut **tx)
                 .await?
         }
         (true, false) => {
-            let sql = format!("with moved as ({APPLY_RUN_CHANGES}) select message_id, status, null::bytea from moved");
-            runs.bind(sqlx::query_as(&sql)).fetch_all(&mut **tx).await?
+            runs.bind(sqlx::query_as(&SETTLE_MOVE))
+                .fetch_all(&mut **tx)
+                .await?
         }
         (false, false) => {
-            let sql = format!(
-                "with counted as ({COUNT_DUPLICATES}), moved as ({}) \
-                 select message_id, status, body_sha256 from counted \
-                 union all select message_id, status, null::bytea from moved",
-                renumber_parameters(APPLY_RUN_CHANGES, 4)
-            );
-            runs.bind(copies.bind(sqlx::query_as(&sql)))
+            runs.bind(copies.bind(sqlx::query_as(&SETTLE_BOTH)))
                 .fetch_all(&mut **tx)
                 .await?
         }
@@ -426,62 +427,10 @@ const RUN_COLUMNS: &str = "message_id, workflow_id, status, created_at, updated_
      expires_at, result::text, assets_url, error, triggered_here, conflicting_terminals, \
      workflow_params::text, seq";
 
-type RunRow = (
-    String,
-    Option<String>,
-    String,
-    DateTime<Utc>,
-    DateTime<Utc>,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    bool,
-    bool,
-    Option<String>,
-    i64,
-);
+type RunRow = run_row::RunRow<DateTime<Utc>>;
 
 fn run_from_row(row: RunRow) -> Result<Run, StoreError> {
-    let (
-        message_id,
-        workflow_id,
-        status,
-        created_at,
-        updated_at,
-        completed_at,
-        expires_at,
-        result,
-        assets_url,
-        error,
-        triggered_here,
-        conflicting_terminals,
-        workflow_params,
-        seq,
-    ) = row;
-    Ok(Run {
-        message_id,
-        workflow_id,
-        status,
-        created_at,
-        updated_at,
-        completed_at,
-        expires_at,
-        result: raw_json(result)?,
-        assets_url,
-        error,
-        triggered_here,
-        conflicting_terminals,
-        workflow_params: raw_json(workflow_params)?,
-        seq,
-    })
-}
-
-pub(crate) fn raw_json(text: Option<String>) -> Result<Option<Box<RawValue>>, StoreError> {
-    text.map(RawValue::from_string)
-        .transpose()
-        .map_err(|error| StoreError::Internal(format!("stored JSON does not parse: {error}")))
+    run_row::run_from_row(row, Ok)
 }
 
 #[async_trait]

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -17,9 +18,10 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
+use super::forward_only::run_conflict_clause;
 use super::model::*;
 use super::plan::BatchPlan;
-use super::postgres::raw_json;
+use super::run_row;
 use super::{Store, StoreError, StoreOptions};
 
 pub struct SqliteStore {
@@ -95,6 +97,18 @@ impl SqliteStore {
     }
 }
 
+/// Creates or moves forward one run (see `forward_only`); returns its final status.
+static APPLY_RUN_CHANGE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "insert into runs as r (message_id, workflow_id, status, status_rank, created_at, \
+                                updated_at, completed_at, expires_at, result, assets_url, error) \
+         values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         {} \
+         returning message_id, status",
+        run_conflict_clause("max")
+    )
+});
+
 fn create_parent_directory(file: &Path) -> Result<(), StoreError> {
     match file.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => {
@@ -122,10 +136,6 @@ fn time_from_text(text: &str) -> Result<DateTime<Utc>, StoreError> {
         .map_err(|error| {
             StoreError::Internal(format!("stored time {text:?} does not parse: {error}"))
         })
-}
-
-fn optional_time(text: Option<String>) -> Result<Option<DateTime<Utc>>, StoreError> {
-    text.as_deref().map(time_from_text).transpose()
 }
 
 /// Inserts each group's first delivery as an event unless `(message_id, status)` exists.
@@ -214,46 +224,20 @@ async fn apply_run_changes(
 ) -> Result<HashMap<String, String>, sqlx::Error> {
     let mut final_status = HashMap::new();
     for change in plan.run_changes(inserted) {
-        // The same rule as the PostgreSQL store: the fields that belong to a status
-        // (completion, result, assets, error) change only when the new status is further than
-        // the stored one; a late `processing` may still fill in a missing workflow_id or expiry.
-        let (message_id, status): (String, String) = sqlx::query_as(
-            "insert into runs as r (message_id, workflow_id, status, status_rank, created_at, \
-                                    updated_at, completed_at, expires_at, result, assets_url, \
-                                    error) \
-             values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             on conflict (message_id) do update set \
-                 status = case when excluded.status_rank > r.status_rank \
-                               then excluded.status else r.status end, \
-                 status_rank = max(r.status_rank, excluded.status_rank), \
-                 workflow_id = coalesce(r.workflow_id, excluded.workflow_id), \
-                 updated_at = max(r.updated_at, excluded.updated_at), \
-                 completed_at = case when excluded.status_rank > r.status_rank \
-                                     then excluded.completed_at else r.completed_at end, \
-                 expires_at = case when excluded.status_rank > r.status_rank \
-                                   then coalesce(excluded.expires_at, r.expires_at) \
-                                   else coalesce(r.expires_at, excluded.expires_at) end, \
-                 result = case when excluded.status_rank > r.status_rank \
-                               then excluded.result else r.result end, \
-                 assets_url = case when excluded.status_rank > r.status_rank \
-                                   then excluded.assets_url else r.assets_url end, \
-                 error = case when excluded.status_rank > r.status_rank \
-                              then excluded.error else r.error end \
-             returning message_id, status",
-        )
-        .bind(&change.message_id)
-        .bind(&change.workflow_id)
-        .bind(&change.status)
-        .bind(change.rank.as_i16())
-        .bind(time_text(change.first_received_at))
-        .bind(time_text(change.last_received_at))
-        .bind(change.completed_at.map(time_text))
-        .bind(change.expires_at.map(time_text))
-        .bind(&change.result)
-        .bind(&change.assets_url)
-        .bind(&change.error)
-        .fetch_one(&mut *connection)
-        .await?;
+        let (message_id, status): (String, String) = sqlx::query_as(&APPLY_RUN_CHANGE)
+            .bind(&change.message_id)
+            .bind(&change.workflow_id)
+            .bind(&change.status)
+            .bind(change.rank.as_i16())
+            .bind(time_text(change.first_received_at))
+            .bind(time_text(change.last_received_at))
+            .bind(change.completed_at.map(time_text))
+            .bind(change.expires_at.map(time_text))
+            .bind(&change.result)
+            .bind(&change.assets_url)
+            .bind(&change.error)
+            .fetch_one(&mut *connection)
+            .await?;
         final_status.insert(message_id, status);
     }
     Ok(final_status)
@@ -285,56 +269,10 @@ const RUN_COLUMNS: &str = "message_id, workflow_id, status, created_at, updated_
      expires_at, result, assets_url, error, triggered_here, conflicting_terminals, \
      workflow_params, seq";
 
-type RunRow = (
-    String,
-    Option<String>,
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    bool,
-    bool,
-    Option<String>,
-    i64,
-);
+type RunRow = run_row::RunRow<String>;
 
 fn run_from_row(row: RunRow) -> Result<Run, StoreError> {
-    let (
-        message_id,
-        workflow_id,
-        status,
-        created_at,
-        updated_at,
-        completed_at,
-        expires_at,
-        result,
-        assets_url,
-        error,
-        triggered_here,
-        conflicting_terminals,
-        workflow_params,
-        seq,
-    ) = row;
-    Ok(Run {
-        message_id,
-        workflow_id,
-        status,
-        created_at: time_from_text(&created_at)?,
-        updated_at: time_from_text(&updated_at)?,
-        completed_at: optional_time(completed_at)?,
-        expires_at: optional_time(expires_at)?,
-        result: raw_json(result)?,
-        assets_url,
-        error,
-        triggered_here,
-        conflicting_terminals,
-        workflow_params: raw_json(workflow_params)?,
-        seq,
-    })
+    run_row::run_from_row(row, |text| time_from_text(&text))
 }
 
 type EventRow = (String, String, i64, i64, bool, String, String, String);
