@@ -355,20 +355,16 @@ impl Store for SqliteStore {
         if let Some(after) = query.after {
             statement = statement.bind(after.seq);
         }
-        let limit = i64::from(query.limit.max(1));
-        let mut rows = statement.bind(limit + 1).fetch_all(&self.readers).await?;
-        let more = rows.len() as i64 > limit;
-        rows.truncate(limit as usize);
+        let limit = query.limit.max(1);
+        let rows = statement
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.readers)
+            .await?;
         let runs = rows
             .into_iter()
             .map(run_from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        let next = if more {
-            runs.last().map(|run| RunCursor { seq: run.seq })
-        } else {
-            None
-        };
-        Ok(RunPage { runs, next })
+        Ok(RunPage::from_overfetch(runs, limit))
     }
 
     async fn list_events(&self, message_id: &str) -> Result<Vec<Event>, StoreError> {
