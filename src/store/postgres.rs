@@ -477,24 +477,10 @@ impl Store for PostgresStore {
     }
 
     async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
-        // One statement per filter combination, so that each gets a plan that uses its index
-        // (a generic `$1 is null or ...` plan would not).
-        let mut sql = format!("select {RUN_COLUMNS} from runs where true");
-        let mut next_param = 1;
-        let mut param = |sql: &mut String, clause: &str| {
-            sql.push_str(&clause.replace('?', &format!("${next_param}")));
-            next_param += 1;
-        };
-        if query.workflow_id.is_some() {
-            param(&mut sql, " and workflow_id = ?");
-        }
-        if query.status.is_some() {
-            param(&mut sql, " and status = ?");
-        }
-        if query.after.is_some() {
-            param(&mut sql, " and seq < ?");
-        }
-        param(&mut sql, " order by seq desc limit ?");
+        let sql = format!(
+            "select {RUN_COLUMNS} from runs{}",
+            run_row::listing_clauses(query, true)
+        );
         let mut statement = sqlx::query_as::<_, RunRow>(&sql);
         if let Some(workflow_id) = &query.workflow_id {
             statement = statement.bind(workflow_id);

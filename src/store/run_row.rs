@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 
-use super::model::Run;
+use super::model::{Run, RunQuery};
 use super::StoreError;
 
 pub(super) type RunRow<Time> = (
@@ -69,4 +69,59 @@ pub(super) fn raw_json(text: Option<String>) -> Result<Option<Box<RawValue>>, St
     text.map(RawValue::from_string)
         .transpose()
         .map_err(|error| StoreError::Internal(format!("stored JSON does not parse: {error}")))
+}
+
+/// The filter, keyset and limit part of a listing, for the filters `query` sets, in the bind
+/// order workflow_id, status, cursor, limit. One statement per filter combination, so that each
+/// is planned to walk its index (a generic `$1 is null or ...` plan would not). `numbered`
+/// writes PostgreSQL's `$n` placeholders, else SQLite's `?`.
+pub(super) fn listing_clauses(query: &RunQuery, numbered: bool) -> String {
+    let clauses = [
+        query.workflow_id.is_some().then_some(" and workflow_id = "),
+        query.status.is_some().then_some(" and status = "),
+        query.after.is_some().then_some(" and seq < "),
+        Some(" order by seq desc limit "),
+    ];
+    let mut sql = String::from(" where true");
+    for (position, clause) in clauses.into_iter().flatten().enumerate() {
+        sql.push_str(clause);
+        if numbered {
+            sql.push_str(&format!("${}", position + 1));
+        } else {
+            sql.push('?');
+        }
+    }
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RunCursor;
+
+    #[test]
+    fn listing_clauses_number_only_the_filters_given() {
+        let all = RunQuery {
+            workflow_id: Some("w".into()),
+            status: Some("s".into()),
+            limit: 5,
+            after: Some(RunCursor { seq: 9 }),
+        };
+        assert_eq!(
+            listing_clauses(&all, true),
+            " where true and workflow_id = $1 and status = $2 and seq < $3 order by seq desc limit $4"
+        );
+        let status_only = RunQuery {
+            status: Some("s".into()),
+            ..RunQuery::default()
+        };
+        assert_eq!(
+            listing_clauses(&status_only, true),
+            " where true and status = $1 order by seq desc limit $2"
+        );
+        assert_eq!(
+            listing_clauses(&status_only, false),
+            " where true and status = ? order by seq desc limit ?"
+        );
+    }
 }

@@ -333,18 +333,10 @@ impl Store for SqliteStore {
     }
 
     async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
-        // One statement per filter combination, so that each is planned to walk its index.
-        let mut sql = format!("select {RUN_COLUMNS} from runs where true");
-        if query.workflow_id.is_some() {
-            sql.push_str(" and workflow_id = ?");
-        }
-        if query.status.is_some() {
-            sql.push_str(" and status = ?");
-        }
-        if query.after.is_some() {
-            sql.push_str(" and seq < ?");
-        }
-        sql.push_str(" order by seq desc limit ?");
+        let sql = format!(
+            "select {RUN_COLUMNS} from runs{}",
+            run_row::listing_clauses(query, false)
+        );
         let mut statement = sqlx::query_as::<_, RunRow>(&sql);
         if let Some(workflow_id) = &query.workflow_id {
             statement = statement.bind(workflow_id);
