@@ -1,7 +1,7 @@
 //! The PostgreSQL store: the production backend, safe for several replicas on one database.
 //!
-//! A batch of deliveries is written with one multi-row statement per step (`unnest` of arrays),
-//! in one transaction, so the cost of a commit is shared by everything in the batch.
+//! A batch of deliveries is written by one statement (`unnest` of arrays, data-modifying CTEs),
+//! which is its own transaction: one round trip and one commit shared by the whole batch.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -12,13 +12,14 @@ use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::query::QueryAs;
-use sqlx::{Postgres, Transaction};
+use sqlx::Postgres;
 
 use super::forward_only::run_conflict_clause;
 use super::model::*;
-use super::plan::{BatchPlan, RunChange};
+use super::plan::BatchPlan;
 use super::run_row;
 use super::{Store, StoreError, StoreOptions};
+use crate::status::StatusRank;
 
 /// Deadlocks and serialization failures between concurrent writers are retried this often.
 const MAX_ATTEMPTS: usize = 3;
@@ -67,218 +68,182 @@ impl PostgresStore {
     }
 
     async fn try_record(&self, plan: &BatchPlan<'_>) -> Result<Vec<DeliveryOutcome>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let inserted = insert_events(&mut tx, plan).await?;
-        let (stored_sha256, final_status) = settle(&mut tx, plan, &inserted).await?;
-        let conflicting = plan.conflicting_terminals(&inserted, &final_status);
-        if !conflicting.is_empty() {
-            flag_conflicts(&mut tx, plan, &conflicting).await?;
+        let groups = GroupColumns::of(plan);
+        let rows: Vec<BatchRow> = groups
+            .bind(sqlx::query_as(&RECORD_BATCH))
+            .fetch_all(&self.pool)
+            .await?;
+        let index = group_index(plan);
+        let mut inserted = vec![false; plan.groups.len()];
+        let mut stored_sha256 = vec![None; plan.groups.len()];
+        let mut final_status = HashMap::new();
+        for (message_id, status, new_event, hash) in rows {
+            match new_event {
+                // A run row: the status the run settled on.
+                None => {
+                    final_status.insert(message_id, status);
+                }
+                Some(new_event) => {
+                    let Some(&g) = index.get(&(message_id.as_str(), status.as_str())) else {
+                        continue;
+                    };
+                    inserted[g] = new_event;
+                    stored_sha256[g] = hash.and_then(|hash| <[u8; 32]>::try_from(hash).ok());
+                }
+            }
         }
-        tx.commit().await?;
+        let conflicting = plan.conflicting_terminals(&inserted, &final_status);
         Ok(plan.outcomes(&inserted, &stored_sha256, &conflicting))
     }
 }
 
-/// Inserts each group's first delivery as an event unless `(message_id, status)` exists.
-/// Returns, per group, whether it became a new event.
-async fn insert_events(
-    tx: &mut Transaction<'_, Postgres>,
-    plan: &BatchPlan<'_>,
-) -> Result<Vec<bool>, sqlx::Error> {
-    // Key order, so that concurrent writers take row locks in the same order.
-    let mut order: Vec<usize> = (0..plan.groups.len()).collect();
-    order.sort_by(|&a, &b| {
-        let (a, b) = (plan.first(&plan.groups[a]), plan.first(&plan.groups[b]));
-        (&a.message_id, &a.status).cmp(&(&b.message_id, &b.status))
-    });
-    let size = order.len();
-    let (mut ids, mut statuses, mut received, mut last, mut payloads) = (
-        Vec::with_capacity(size),
-        Vec::with_capacity(size),
-        Vec::with_capacity(size),
-        Vec::with_capacity(size),
-        Vec::with_capacity(size),
-    );
-    let (mut hashes, mut keys, mut duplicates, mut differing) = (
-        Vec::with_capacity(size),
-        Vec::with_capacity(size),
-        Vec::with_capacity(size),
-        Vec::with_capacity(size),
-    );
-    for &g in &order {
-        let group = &plan.groups[g];
-        let first = plan.first(group);
-        ids.push(first.message_id.as_str());
-        statuses.push(first.status.as_str());
-        received.push(first.received_at);
-        last.push(plan.last_received_at(group));
-        payloads.push(first.body_text());
-        hashes.push(first.body_sha256.to_vec());
-        keys.push(first.key_id.as_str());
-        duplicates.push(group.repeats.len() as i64);
-        differing.push(plan.differing_repeats(group) as i64);
-    }
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "insert into events (message_id, status, received_at, last_received_at, payload, \
-                             body_sha256, key_id, duplicates, differing_duplicates) \
-         select * from unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], \
-                              $5::text[], $6::bytea[], $7::text[], $8::int8[], $9::int8[]) \
-         on conflict (message_id, status) do nothing \
-         returning message_id, status",
-    )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&received)
-    .bind(&last)
-    .bind(&payloads)
-    .bind(&hashes)
-    .bind(&keys)
-    .bind(&duplicates)
-    .bind(&differing)
-    .fetch_all(&mut **tx)
-    .await?;
-    let index = group_index(plan);
-    let mut inserted = vec![false; plan.groups.len()];
-    for (message_id, status) in &rows {
-        if let Some(&g) = index.get(&(message_id.as_str(), status.as_str())) {
-            inserted[g] = true;
-        }
-    }
-    Ok(inserted)
-}
+/// A row of `RECORD_BATCH`: `(message_id, status, inserted, stored body_sha256)`.
+type BatchRow = (String, String, Option<bool>, Option<Vec<u8>>);
 
-/// Adds every copy of an existing event to its counters. Parameters `$1..$4`; returns
-/// `(message_id, status, stored body_sha256)` per counted event.
-const COUNT_DUPLICATES: &str = "\
-    with copies (message_id, status, body_sha256, received_at) as ( \
-        select * from unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[])), \
-    tally as ( \
-        select e.id, count(*) as copies, \
-               count(*) filter (where c.body_sha256 <> e.body_sha256) as differing, \
-               max(c.received_at) as last_received_at \
-        from copies c join events e using (message_id, status) \
-        group by e.id) \
-    update events e \
-    set duplicates = e.duplicates + tally.copies, \
-        differing_duplicates = e.differing_duplicates + tally.differing, \
-        last_received_at = greatest(e.last_received_at, tally.last_received_at) \
-    from (select * from tally order by id) tally \
-    where e.id = tally.id \
-    returning e.message_id, e.status, e.body_sha256";
-
-/// Creates or moves forward every run that got a new event. Parameters `$1..$11`; returns
-/// `(message_id, final status)` per run.
-static APPLY_RUN_CHANGES: LazyLock<String> = LazyLock::new(|| {
+/// A whole batch in one statement, so one round trip and one implicit transaction:
+///
+/// 1. `ev`: each group's first delivery becomes an event, or, when `(message_id, status)` is
+///    already stored (committed earlier, or just now by another writer: `on conflict` waits for
+///    it and sees it), every copy is added to that event's counters. `xmax = 0` tells the rows
+///    this statement inserted from those it updated.
+/// 2. `fresh`, `best`, `span`: the runs that got a new event, and how each moves. This is
+///    `BatchPlan::run_changes` (which the SQLite store uses) in SQL, because which events are
+///    new is only known inside the statement: the furthest new status wins, the first to arrive
+///    among equally far ones; the run keeps the earliest and latest arrival, and a workflow_id or
+///    expiry the winner lacks comes from the first new event that has one.
+/// 3. `moved`: each of those runs is created or moved forward (`forward_only`).
+///
+/// Every group and every moved run comes back as a row: `(message_id, status, inserted,
+/// stored body_sha256)` for groups, `(message_id, final status, null, null)` for runs.
+/// Rows are written in key order, so that concurrent writers lock them in one order.
+static RECORD_BATCH: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "insert into runs as r (message_id, workflow_id, status, status_rank, created_at, \
-                                updated_at, completed_at, expires_at, result, assets_url, error) \
-         select m, w, s, k, c, u, d, e, res::jsonb, a, er \
-         from unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::timestamptz[], \
-                     $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::text[], \
-                     $10::text[], $11::text[]) as t(m, w, s, k, c, u, d, e, res, a, er) \
-         {} \
-         returning message_id, status",
-        run_conflict_clause("greatest")
+        "with input (m, s, g, k, rcv, lst, payload, sha, key_id, reps, diff, copies, \
+                     w, x, res, a, er) as ( \
+             select * from unnest($1::text[], $2::text[], $3::int4[], $4::int2[], \
+                                  $5::timestamptz[], $6::timestamptz[], $7::text[], $8::bytea[], \
+                                  $9::text[], $10::int8[], $11::int8[], $12::bytea[], \
+                                  $13::text[], $14::timestamptz[], $15::text[], $16::text[], \
+                                  $17::text[])), \
+         ev as ( \
+             insert into events as e (message_id, status, received_at, last_received_at, \
+                                      payload, body_sha256, key_id, duplicates, \
+                                      differing_duplicates) \
+             select m, s, rcv, lst, payload, sha, key_id, reps, diff from input order by m, s \
+             on conflict (message_id, status) do update set \
+                 duplicates = e.duplicates + excluded.duplicates + 1, \
+                 differing_duplicates = e.differing_duplicates + ( \
+                     select count(*) from input i, \
+                            generate_series(0, length(i.copies) / 32 - 1) as n \
+                     where i.m = excluded.message_id and i.s = excluded.status \
+                       and substring(i.copies from n * 32 + 1 for 32) <> e.body_sha256), \
+                 last_received_at = greatest(e.last_received_at, excluded.last_received_at) \
+             returning e.message_id, e.status, e.xmax = 0 as inserted, e.body_sha256), \
+         fresh as ( \
+             select i.* from input i join ev on ev.message_id = i.m and ev.status = i.s \
+             where ev.inserted), \
+         best as (select distinct on (m) * from fresh order by m, k desc, g), \
+         span as ( \
+             select m, min(rcv) as first_at, max(rcv) as last_at, \
+                    (array_agg(w order by g) filter (where w is not null))[1] as some_w, \
+                    (array_agg(x order by g) filter (where x is not null))[1] as some_x \
+             from fresh group by m), \
+         moved as ( \
+             insert into runs as r (message_id, workflow_id, status, status_rank, created_at, \
+                                    updated_at, completed_at, expires_at, result, assets_url, \
+                                    error) \
+             select b.m, coalesce(b.w, span.some_w), b.s, b.k, span.first_at, span.last_at, \
+                    case when b.k = {terminal} then b.rcv end, coalesce(b.x, span.some_x), \
+                    b.res::jsonb, b.a, b.er \
+             from best b join span using (m) order by b.m \
+             {conflict} \
+             returning r.message_id, r.status) \
+         select message_id, status, inserted, \
+                case when inserted then null else body_sha256 end from ev \
+         union all select message_id, status, null, null from moved",
+        terminal = StatusRank::Terminal.as_i16(),
+        conflict = run_conflict_clause("greatest"),
     )
 });
 
-/// `settle`'s three statements, built once: repeats only, run changes only, or both.
-static SETTLE_COUNT: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "with counted as ({COUNT_DUPLICATES}) select message_id, status, body_sha256 from counted"
-    )
-});
-static SETTLE_MOVE: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "with moved as ({}) select message_id, status, null::bytea from moved",
-        *APPLY_RUN_CHANGES
-    )
-});
-static SETTLE_BOTH: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "with counted as ({COUNT_DUPLICATES}), moved as ({}) \
-         select message_id, status, body_sha256 from counted \
-         union all select message_id, status, null::bytea from moved",
-        renumber_parameters(&APPLY_RUN_CHANGES, 4)
-    )
-});
-
-/// Every copy of a group that did not become a new event, as `COUNT_DUPLICATES` binds them.
-struct Copies<'a> {
+/// The groups of a batch, column by column in key order, as `RECORD_BATCH` binds them.
+struct GroupColumns<'a> {
     ids: Vec<&'a str>,
     statuses: Vec<&'a str>,
-    hashes: Vec<Vec<u8>>,
-    received: Vec<DateTime<Utc>>,
-}
-
-impl<'a> Copies<'a> {
-    fn of(plan: &BatchPlan<'a>, inserted: &[bool]) -> Self {
-        let mut copies = Copies {
-            ids: vec![],
-            statuses: vec![],
-            hashes: vec![],
-            received: vec![],
-        };
-        for (g, group) in plan.groups.iter().enumerate() {
-            if inserted[g] {
-                continue;
-            }
-            for &i in std::iter::once(&group.first).chain(&group.repeats) {
-                let delivery = &plan.deliveries[i];
-                copies.ids.push(delivery.message_id.as_str());
-                copies.statuses.push(delivery.status.as_str());
-                copies.hashes.push(delivery.body_sha256.to_vec());
-                copies.received.push(delivery.received_at);
-            }
-        }
-        copies
-    }
-
-    fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-
-    fn bind<'q, O>(
-        &'q self,
-        query: QueryAs<'q, Postgres, O, PgArguments>,
-    ) -> QueryAs<'q, Postgres, O, PgArguments> {
-        query
-            .bind(&self.ids)
-            .bind(&self.statuses)
-            .bind(&self.hashes)
-            .bind(&self.received)
-    }
-}
-
-/// The run changes of a batch, column by column, as `APPLY_RUN_CHANGES` binds them.
-struct RunColumns<'a> {
-    ids: Vec<&'a str>,
-    workflows: Vec<Option<&'a str>>,
-    statuses: Vec<&'a str>,
+    arrival: Vec<i32>,
     ranks: Vec<i16>,
-    created: Vec<DateTime<Utc>>,
-    updated: Vec<DateTime<Utc>>,
-    completed: Vec<Option<DateTime<Utc>>>,
+    received: Vec<DateTime<Utc>>,
+    last: Vec<DateTime<Utc>>,
+    payloads: Vec<&'a str>,
+    hashes: Vec<&'a [u8]>,
+    keys: Vec<&'a str>,
+    repeats: Vec<i64>,
+    differing: Vec<i64>,
+    /// Every copy's body hash (the first delivery's, then its repeats'), 32 bytes each.
+    copies: Vec<Vec<u8>>,
+    workflows: Vec<Option<&'a str>>,
     expires: Vec<Option<DateTime<Utc>>>,
     results: Vec<Option<&'a str>>,
     assets: Vec<Option<&'a str>>,
     errors: Vec<Option<&'a str>>,
 }
 
-impl<'a> RunColumns<'a> {
-    fn of(changes: &'a [RunChange]) -> Self {
-        RunColumns {
-            ids: changes.iter().map(|c| c.message_id.as_str()).collect(),
-            workflows: changes.iter().map(|c| c.workflow_id.as_deref()).collect(),
-            statuses: changes.iter().map(|c| c.status.as_str()).collect(),
-            ranks: changes.iter().map(|c| c.rank.as_i16()).collect(),
-            created: changes.iter().map(|c| c.first_received_at).collect(),
-            updated: changes.iter().map(|c| c.last_received_at).collect(),
-            completed: changes.iter().map(|c| c.completed_at).collect(),
-            expires: changes.iter().map(|c| c.expires_at).collect(),
-            results: changes.iter().map(|c| c.result.as_deref()).collect(),
-            assets: changes.iter().map(|c| c.assets_url.as_deref()).collect(),
-            errors: changes.iter().map(|c| c.error.as_deref()).collect(),
+impl<'a> GroupColumns<'a> {
+    fn of(plan: &BatchPlan<'a>) -> Self {
+        let mut order: Vec<usize> = (0..plan.groups.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (plan.first(&plan.groups[a]), plan.first(&plan.groups[b]));
+            (&a.message_id, &a.status).cmp(&(&b.message_id, &b.status))
+        });
+        let mut columns = GroupColumns::with_capacity(order.len());
+        for g in order {
+            let group = &plan.groups[g];
+            let first = plan.first(group);
+            columns.ids.push(&first.message_id);
+            columns.statuses.push(&first.status);
+            columns.arrival.push(i32::try_from(g).unwrap_or(i32::MAX));
+            columns.ranks.push(first.rank().as_i16());
+            columns.received.push(first.received_at);
+            columns.last.push(plan.last_received_at(group));
+            columns.payloads.push(first.body_text());
+            columns.hashes.push(&first.body_sha256);
+            columns.keys.push(&first.key_id);
+            columns.repeats.push(group.repeats.len() as i64);
+            columns.differing.push(plan.differing_repeats(group) as i64);
+            columns.copies.push(
+                std::iter::once(&group.first)
+                    .chain(&group.repeats)
+                    .flat_map(|&i| plan.deliveries[i].body_sha256)
+                    .collect(),
+            );
+            columns.workflows.push(first.workflow_id.as_deref());
+            columns.expires.push(first.expires_at);
+            columns.results.push(first.result.as_deref());
+            columns.assets.push(first.assets_url.as_deref());
+            columns.errors.push(first.error.as_deref());
+        }
+        columns
+    }
+
+    fn with_capacity(size: usize) -> Self {
+        GroupColumns {
+            ids: Vec::with_capacity(size),
+            statuses: Vec::with_capacity(size),
+            arrival: Vec::with_capacity(size),
+            ranks: Vec::with_capacity(size),
+            received: Vec::with_capacity(size),
+            last: Vec::with_capacity(size),
+            payloads: Vec::with_capacity(size),
+            hashes: Vec::with_capacity(size),
+            keys: Vec::with_capacity(size),
+            repeats: Vec::with_capacity(size),
+            differing: Vec::with_capacity(size),
+            copies: Vec::with_capacity(size),
+            workflows: Vec::with_capacity(size),
+            expires: Vec::with_capacity(size),
+            results: Vec::with_capacity(size),
+            assets: Vec::with_capacity(size),
+            errors: Vec::with_capacity(size),
         }
     }
 
@@ -288,123 +253,23 @@ impl<'a> RunColumns<'a> {
     ) -> QueryAs<'q, Postgres, O, PgArguments> {
         query
             .bind(&self.ids)
-            .bind(&self.workflows)
             .bind(&self.statuses)
+            .bind(&self.arrival)
             .bind(&self.ranks)
-            .bind(&self.created)
-            .bind(&self.updated)
-            .bind(&self.completed)
+            .bind(&self.received)
+            .bind(&self.last)
+            .bind(&self.payloads)
+            .bind(&self.hashes)
+            .bind(&self.keys)
+            .bind(&self.repeats)
+            .bind(&self.differing)
+            .bind(&self.copies)
+            .bind(&self.workflows)
             .bind(&self.expires)
             .bind(&self.results)
             .bind(&self.assets)
             .bind(&self.errors)
     }
-}
-
-/// After the events are in: counts the copies of events that already existed, and moves every
-/// run that got a new event. Returns, per group that was not inserted, the stored body's hash
-/// (to tell identical copies from differing ones), and each changed run's final status.
-///
-/// When a batch needs both, they go in one statement: the two touch different tables, and every
-/// statement saved is a round trip (and, on a busy machine, a wake-up) less per commit. Its
-/// snapshot is taken after the insert, so it sees events that concurrent writers committed
-/// meanwhile, exactly as two statements would.
-async fn settle(
-    tx: &mut Transaction<'_, Postgres>,
-    plan: &BatchPlan<'_>,
-    inserted: &[bool],
-) -> Result<(Vec<Option<[u8; 32]>>, HashMap<String, String>), sqlx::Error> {
-    let copies = Copies::of(plan, inserted);
-    let changes = plan.run_changes(inserted);
-    let runs = RunColumns::of(&changes);
-    let rows: Vec<(String, String, Option<Vec<u8>>)> = match (copies.is_empty(), changes.is_empty())
-    {
-        (true, true) => Vec::new(),
-        (false, true) => {
-            copies
-                .bind(sqlx::query_as(&SETTLE_COUNT))
-                .fetch_all(&mut **tx)
-                .await?
-        }
-        (true, false) => {
-            runs.bind(sqlx::query_as(&SETTLE_MOVE))
-                .fetch_all(&mut **tx)
-                .await?
-        }
-        (false, false) => {
-            runs.bind(copies.bind(sqlx::query_as(&SETTLE_BOTH)))
-                .fetch_all(&mut **tx)
-                .await?
-        }
-    };
-    let index = group_index(plan);
-    let mut stored = vec![None; plan.groups.len()];
-    let mut final_status = HashMap::with_capacity(changes.len());
-    for (message_id, status, hash) in rows {
-        match hash {
-            // events.body_sha256 is never null: a row with a hash is a counted event.
-            Some(hash) => {
-                if let (Some(&g), Ok(hash)) = (
-                    index.get(&(message_id.as_str(), status.as_str())),
-                    <[u8; 32]>::try_from(hash.as_slice()),
-                ) {
-                    stored[g] = Some(hash);
-                }
-            }
-            None => {
-                final_status.insert(message_id, status);
-            }
-        }
-    }
-    Ok((stored, final_status))
-}
-
-/// Shifts every `$n` in `sql` by `offset`, so that a statement can follow another's parameters.
-fn renumber_parameters(sql: &str, offset: usize) -> String {
-    let mut out = String::with_capacity(sql.len() + 16);
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        out.push(c);
-        if c != '$' {
-            continue;
-        }
-        let mut digits = String::new();
-        while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
-            digits.push(*d);
-            chars.next();
-        }
-        match digits.parse::<usize>() {
-            Ok(n) => out.push_str(&(n + offset).to_string()),
-            Err(_) => out.push_str(&digits),
-        }
-    }
-    out
-}
-
-async fn flag_conflicts(
-    tx: &mut Transaction<'_, Postgres>,
-    plan: &BatchPlan<'_>,
-    conflicting: &[usize],
-) -> Result<(), sqlx::Error> {
-    let deliveries: Vec<_> = conflicting
-        .iter()
-        .map(|&g| plan.first(&plan.groups[g]))
-        .collect();
-    let ids: Vec<&str> = deliveries.iter().map(|d| d.message_id.as_str()).collect();
-    let statuses: Vec<&str> = deliveries.iter().map(|d| d.status.as_str()).collect();
-    sqlx::query(
-        "update events set conflicting_terminal = true \
-         where (message_id, status) in (select * from unnest($1::text[], $2::text[]))",
-    )
-    .bind(&ids)
-    .bind(&statuses)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query("update runs set conflicting_terminals = true where message_id = any($1)")
-        .bind(&ids)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
 }
 
 fn group_index<'a>(plan: &BatchPlan<'a>) -> HashMap<(&'a str, &'a str), usize> {
@@ -423,9 +288,13 @@ fn is_retryable(error: &sqlx::Error) -> bool {
         if matches!(db.code().as_deref(), Some("40P01") | Some("40001")))
 }
 
-const RUN_COLUMNS: &str = "message_id, workflow_id, status, created_at, updated_at, completed_at, \
-     expires_at, result::text, assets_url, error, triggered_here, conflicting_terminals, \
-     workflow_params::text, seq";
+static RUN_COLUMNS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "message_id, workflow_id, status, created_at, updated_at, completed_at, expires_at, \
+         result::text, assets_url, error, triggered_here, {}, workflow_params::text, seq",
+        run_row::CONFLICTING_TERMINALS
+    )
+});
 
 type RunRow = run_row::RunRow<DateTime<Utc>>;
 
@@ -468,7 +337,8 @@ impl Store for PostgresStore {
 
     async fn get_run(&self, message_id: &str) -> Result<Option<Run>, StoreError> {
         let row: Option<RunRow> = sqlx::query_as(&format!(
-            "select {RUN_COLUMNS} from runs where message_id = $1"
+            "select {} from runs where message_id = $1",
+            *RUN_COLUMNS
         ))
         .bind(message_id)
         .fetch_optional(&self.pool)
@@ -478,7 +348,8 @@ impl Store for PostgresStore {
 
     async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
         let sql = format!(
-            "select {RUN_COLUMNS} from runs{}",
+            "select {} from runs{}",
+            *RUN_COLUMNS,
             run_row::listing_clauses(query, true)
         );
         let mut statement = sqlx::query_as::<_, RunRow>(&sql);
@@ -516,11 +387,12 @@ impl Store for PostgresStore {
         );
         // Arrival order is `received_at`: ids follow insertion, and a batch inserts its events
         // in key order (to take locks in one order), not in the order they arrived.
-        let rows: Vec<EventRow> = sqlx::query_as(
-            "select status, received_at, duplicates, differing_duplicates, conflicting_terminal, \
-                    key_id, last_received_at, payload \
+        let rows: Vec<EventRow> = sqlx::query_as(&format!(
+            "select status, received_at, duplicates, differing_duplicates, {}, key_id, \
+                    last_received_at, payload \
              from events where message_id = $1 order by received_at, id",
-        )
+            run_row::CONFLICTING_TERMINAL
+        ))
         .bind(message_id)
         .fetch_all(&self.pool)
         .await?;
@@ -651,18 +523,5 @@ impl Store for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("select 1").execute(&self.pool).await?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parameters_are_renumbered_past_the_first_statement() {
-        assert_eq!(
-            renumber_parameters("select $1::text[], $10, '$', $2x", 4),
-            "select $5::text[], $14, '$', $6x"
-        );
     }
 }

@@ -71,6 +71,19 @@ pub(super) fn raw_json(text: Option<String>) -> Result<Option<Box<RawValue>>, St
         .map_err(|error| StoreError::Internal(format!("stored JSON does not parse: {error}")))
 }
 
+/// `runs.conflicting_terminals`, derived from the events: the run is terminal and a different
+/// terminal status arrived too. A terminal status never changes, so this is exactly what a flag
+/// set at the time would say. Select it from `runs` (unaliased); SQL for both backends.
+pub(super) const CONFLICTING_TERMINALS: &str = "(runs.status_rank = 2 and exists (\
+     select 1 from events c where c.message_id = runs.message_id and c.status <> runs.status \
+     and c.status not in ('submitted', 'processing')))";
+
+/// `events.conflicting_terminal`, derived likewise: a terminal event whose run settled on a
+/// different terminal status. Select it from `events` (unaliased).
+pub(super) const CONFLICTING_TERMINAL: &str = "(events.status not in ('submitted', 'processing') \
+     and exists (select 1 from runs r where r.message_id = events.message_id \
+     and r.status_rank = 2 and r.status <> events.status))";
+
 /// The filter, keyset and limit part of a listing, for the filters `query` sets, in the bind
 /// order workflow_id, status, cursor, limit. One statement per filter combination, so that each
 /// is planned to walk its index (a generic `$1 is null or ...` plan would not). `numbered`

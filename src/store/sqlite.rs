@@ -90,9 +90,8 @@ impl SqliteStore {
         let inserted = insert_events(&mut tx, plan).await?;
         let stored_sha256 = count_duplicates(&mut tx, plan, &inserted).await?;
         let final_status = apply_run_changes(&mut tx, plan, &inserted).await?;
-        let conflicting = plan.conflicting_terminals(&inserted, &final_status);
-        flag_conflicts(&mut tx, plan, &conflicting).await?;
         tx.commit().await?;
+        let conflicting = plan.conflicting_terminals(&inserted, &final_status);
         Ok(plan.outcomes(&inserted, &stored_sha256, &conflicting))
     }
 }
@@ -243,31 +242,13 @@ async fn apply_run_changes(
     Ok(final_status)
 }
 
-async fn flag_conflicts(
-    connection: &mut SqliteConnection,
-    plan: &BatchPlan<'_>,
-    conflicting: &[usize],
-) -> Result<(), sqlx::Error> {
-    for &g in conflicting {
-        let delivery = plan.first(&plan.groups[g]);
-        sqlx::query(
-            "update events set conflicting_terminal = 1 where message_id = ? and status = ?",
-        )
-        .bind(&delivery.message_id)
-        .bind(&delivery.status)
-        .execute(&mut *connection)
-        .await?;
-        sqlx::query("update runs set conflicting_terminals = 1 where message_id = ?")
-            .bind(&delivery.message_id)
-            .execute(&mut *connection)
-            .await?;
-    }
-    Ok(())
-}
-
-const RUN_COLUMNS: &str = "message_id, workflow_id, status, created_at, updated_at, completed_at, \
-     expires_at, result, assets_url, error, triggered_here, conflicting_terminals, \
-     workflow_params, seq";
+static RUN_COLUMNS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "message_id, workflow_id, status, created_at, updated_at, completed_at, expires_at, \
+         result, assets_url, error, triggered_here, {}, workflow_params, seq",
+        run_row::CONFLICTING_TERMINALS
+    )
+});
 
 type RunRow = run_row::RunRow<String>;
 
@@ -324,7 +305,8 @@ impl Store for SqliteStore {
 
     async fn get_run(&self, message_id: &str) -> Result<Option<Run>, StoreError> {
         let row: Option<RunRow> = sqlx::query_as(&format!(
-            "select {RUN_COLUMNS} from runs where message_id = ?"
+            "select {} from runs where message_id = ?",
+            *RUN_COLUMNS
         ))
         .bind(message_id)
         .fetch_optional(&self.readers)
@@ -334,7 +316,8 @@ impl Store for SqliteStore {
 
     async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
         let sql = format!(
-            "select {RUN_COLUMNS} from runs{}",
+            "select {} from runs{}",
+            *RUN_COLUMNS,
             run_row::listing_clauses(query, false)
         );
         let mut statement = sqlx::query_as::<_, RunRow>(&sql);
@@ -362,11 +345,12 @@ impl Store for SqliteStore {
     async fn list_events(&self, message_id: &str) -> Result<Vec<Event>, StoreError> {
         // Arrival order is `received_at`, as on PostgreSQL: ids follow insertion, and with
         // several ingest writers a later delivery may be committed first.
-        let rows: Vec<EventRow> = sqlx::query_as(
-            "select status, received_at, duplicates, differing_duplicates, conflicting_terminal, \
-                    key_id, last_received_at, payload \
+        let rows: Vec<EventRow> = sqlx::query_as(&format!(
+            "select status, received_at, duplicates, differing_duplicates, {}, key_id, \
+                    last_received_at, payload \
              from events where message_id = ? order by received_at, id",
-        )
+            run_row::CONFLICTING_TERMINAL
+        ))
         .bind(message_id)
         .fetch_all(&self.readers)
         .await?;

@@ -283,6 +283,65 @@ async fn a_differing_duplicate_is_flagged_and_counted(db: TestDatabase) {
     );
 }
 
+async fn only_new_events_move_a_run_when_a_batch_mixes_in_repeats(db: TestDatabase) {
+    let store = open(&db).await;
+    let bare = json!({"message_id": "m-mixed", "status": "processing"}).to_string();
+    assert_eq!(
+        store
+            .record_deliveries(&[delivery(&bare, 0)])
+            .await
+            .unwrap(),
+        vec![NEW]
+    );
+    // One batch: a differing copy of the stored processing (it carries an expiry and a
+    // workflow_id), the first terminal, and a second terminal that arrives after it.
+    let altered = json!({
+        "message_id": "m-mixed", "status": "processing",
+        "workflow_id": "w-from-a-copy", "expires_at": 1_900_000_000
+    })
+    .to_string();
+    let success =
+        json!({"message_id": "m-mixed", "status": "success", "result": {"n": 1}}).to_string();
+    let failed =
+        json!({"message_id": "m-mixed", "status": "failed", "workflow_id": "w-new"}).to_string();
+    let outcomes = store
+        .record_deliveries(&[
+            delivery(&altered, 1),
+            delivery(&success, 2),
+            delivery(&failed, 3),
+            delivery(&bare, 4),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![DIFFERING_REPEAT, NEW, CONFLICTING, REPEAT]);
+    let run = run(&store, "m-mixed").await;
+    assert_eq!(run.status, "success");
+    assert_eq!(result_of(&run), Some(json!({"n": 1})));
+    // Fields a new event lacks come from the other new events, never from a repeat's body.
+    assert_eq!(run.workflow_id.as_deref(), Some("w-new"));
+    assert_eq!(run.expires_at, None);
+    assert_eq!((run.created_at, run.updated_at), (at(0), at(3)));
+    assert_eq!(run.completed_at, Some(at(2)));
+    assert!(run.conflicting_terminals);
+    let events = store.list_events("m-mixed").await.unwrap();
+    let counts: Vec<(&str, i64, i64, bool)> = events
+        .iter()
+        .map(|e| {
+            let flags = (e.duplicates, e.differing_duplicates, e.conflicting_terminal);
+            (e.status.as_str(), flags.0, flags.1, flags.2)
+        })
+        .collect();
+    assert_eq!(
+        counts,
+        vec![
+            ("processing", 2, 1, false),
+            ("success", 0, 0, false),
+            ("failed", 0, 0, true)
+        ]
+    );
+    assert_eq!(events[0].last_received_at, at(4));
+}
+
 async fn a_late_processing_never_regresses_but_fills_gaps(db: TestDatabase) {
     let store = open(&db).await;
     // The terminal callback carries neither workflow_id nor expiry; the late processing does.
@@ -762,6 +821,7 @@ on_both_backends!(
     processing_and_success_in_one_batch_end_at_success,
     a_conflicting_terminal_is_flagged_and_never_wins,
     a_differing_duplicate_is_flagged_and_counted,
+    only_new_events_move_a_run_when_a_batch_mixes_in_repeats,
     a_late_processing_never_regresses_but_fills_gaps,
     concurrent_batches_with_overlapping_keys_store_each_key_once,
     an_absurd_expiry_does_not_fail_its_batch,
