@@ -111,6 +111,8 @@ type BatchRow = (String, String, Option<bool>, Option<Vec<u8>>);
 ///    new is only known inside the statement: the furthest new status wins, the first to arrive
 ///    among equally far ones; the run keeps the earliest and latest arrival, and a workflow_id or
 ///    expiry the winner lacks comes from the first new event that has one.
+///    `span` is materialized: inlined into the join, its aggregate ran again for every run,
+///    which made a batch cost quadratic in its size.
 /// 3. `moved`: each of those runs is created or moved forward (`forward_only`).
 ///
 /// Every group and every moved run comes back as a row: `(message_id, status, inserted,
@@ -143,7 +145,7 @@ static RECORD_BATCH: LazyLock<String> = LazyLock::new(|| {
              select i.* from input i join ev on ev.message_id = i.m and ev.status = i.s \
              where ev.inserted), \
          best as (select distinct on (m) * from fresh order by m, k desc, g), \
-         span as ( \
+         span as materialized ( \
              select m, min(rcv) as first_at, max(rcv) as last_at, \
                     (array_agg(w order by g) filter (where w is not null))[1] as some_w, \
                     (array_agg(x order by g) filter (where x is not null))[1] as some_x \
