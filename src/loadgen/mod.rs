@@ -25,7 +25,7 @@ use mix::Mix;
 const MAX_PRESIGNED: usize = 2_000_000;
 /// Requests signed per second of `--duration`: above what one server on this kind of machine
 /// answers, so that time, not the supply, ends the run.
-const PRESIGNED_PER_SECOND: f64 = 40_000.0;
+const PRESIGNED_PER_SECOND: f64 = 80_000.0;
 
 /// Options of `nen-relay bench`.
 #[derive(Debug, Clone, Args)]
