@@ -128,7 +128,7 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
-            // The ingest writers (8 by default) plus room for reads and health checks.
+            // The ingest writers (1 by default, up to a few) plus room for reads and health checks.
             max_connections: 16,
             acquire_timeout: Duration::from_millis(1000),
             statement_timeout: Duration::from_millis(1500),
