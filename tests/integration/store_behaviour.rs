@@ -2,6 +2,7 @@
 //! status, conflict flags, triggered runs, idempotency keys, pagination, rejected payloads.
 
 use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -797,6 +798,84 @@ async fn rejected_payloads_are_kept_byte_for_byte(db: TestDatabase) {
         .all(|(key, reason, _)| key == "key-1" && reason == "the body is not valid JSON"));
 }
 
+/// Runs the first migration only, as a database created before the later ones would be.
+async fn apply_first_migration_and(db: &TestDatabase, sql: &str) {
+    match db.backend {
+        Backend::Postgres => {
+            let mut first = sqlx::migrate!("migrations/postgres");
+            first.migrations = first.migrations[..1].to_vec().into();
+            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            first.run(&mut connection).await.unwrap();
+            sqlx::raw_sql(sql).execute(&mut connection).await.unwrap();
+        }
+        Backend::Sqlite => {
+            let mut first = sqlx::migrate!("migrations/sqlite");
+            first.migrations = first.migrations[..1].to_vec().into();
+            let options = sqlx::sqlite::SqliteConnectOptions::from_str(&db.url)
+                .unwrap()
+                .create_if_missing(true);
+            let mut connection = sqlx::SqliteConnection::connect_with(&options)
+                .await
+                .unwrap();
+            first.run(&mut connection).await.unwrap();
+            sqlx::raw_sql(sql).execute(&mut connection).await.unwrap();
+        }
+    }
+}
+
+async fn a_database_from_the_first_schema_upgrades_with_its_data(db: TestDatabase) {
+    // A run with a stored conflict, written the way the first schema kept it.
+    let (yes, no, time) = match db.backend {
+        Backend::Postgres => ("true", "false", "'2025-10-09T08:53:20Z'"),
+        Backend::Sqlite => ("1", "0", "'2025-10-09T08:53:20.000000000Z'"),
+    };
+    let hash = |byte: &str| match db.backend {
+        Backend::Postgres => format!("decode('{}', 'hex')", byte.repeat(32)),
+        Backend::Sqlite => format!("x'{}'", byte.repeat(32)),
+    };
+    let (first, second) = (hash("00"), hash("01"));
+    let old_rows = format!(
+        "insert into runs (message_id, workflow_id, status, status_rank, created_at, \
+                           updated_at, completed_at, conflicting_terminals) \
+         values ('m-old', 'w', 'success', 2, {time}, {time}, {time}, {yes}); \
+         insert into events (message_id, status, received_at, last_received_at, payload, \
+                             body_sha256, key_id, conflicting_terminal) \
+         values ('m-old', 'success', {time}, {time}, '{{\"status\":\"success\"}}', \
+                 {first}, 'key-1', {no}), \
+                ('m-old', 'failed', {time}, {time}, '{{\"status\":\"failed\"}}', \
+                 {second}, 'key-1', {yes});"
+    );
+    apply_first_migration_and(&db, &old_rows).await;
+
+    let store = open(&db).await;
+    let run = run(&store, "m-old").await;
+    assert_eq!(
+        (run.status.as_str(), run.conflicting_terminals),
+        ("success", true)
+    );
+    let events = store.list_events("m-old").await.unwrap();
+    let flags: HashMap<&str, (bool, &str)> = events
+        .iter()
+        .map(|e| (e.status.as_str(), (e.conflicting_terminal, e.payload.get())))
+        .collect();
+    assert_eq!(
+        flags,
+        HashMap::from([
+            ("success", (false, r#"{"status":"success"}"#)),
+            ("failed", (true, r#"{"status":"failed"}"#)),
+        ])
+    );
+    // And the upgraded store keeps writing.
+    let processing = callback("m-new", "processing", json!({}));
+    assert_eq!(
+        store
+            .record_deliveries(&[delivery(&processing, 0)])
+            .await
+            .unwrap(),
+        vec![NEW]
+    );
+}
+
 async fn unknown_runs_are_absent_and_the_store_answers(db: TestDatabase) {
     let store = open(&db).await;
     store.ping().await.unwrap();
@@ -831,4 +910,5 @@ on_both_backends!(
     pagination_walks_every_run_once_newest_first,
     rejected_payloads_are_kept_byte_for_byte,
     unknown_runs_are_absent_and_the_store_answers,
+    a_database_from_the_first_schema_upgrades_with_its_data,
 );
