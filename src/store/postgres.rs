@@ -298,6 +298,18 @@ static RUN_COLUMNS: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+static GET_RUN: LazyLock<String> =
+    LazyLock::new(|| format!("select {} from runs where message_id = $1", *RUN_COLUMNS));
+
+static LIST_EVENTS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "select status, received_at, duplicates, differing_duplicates, {}, key_id, \
+                    last_received_at, payload \
+             from events where message_id = $1 order by received_at, id",
+        run_row::CONFLICTING_TERMINAL
+    )
+});
+
 type RunRow = run_row::RunRow<DateTime<Utc>>;
 
 fn run_from_row(row: RunRow) -> Result<Run, StoreError> {
@@ -338,13 +350,10 @@ impl Store for PostgresStore {
     }
 
     async fn get_run(&self, message_id: &str) -> Result<Option<Run>, StoreError> {
-        let row: Option<RunRow> = sqlx::query_as(&format!(
-            "select {} from runs where message_id = $1",
-            *RUN_COLUMNS
-        ))
-        .bind(message_id)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<RunRow> = sqlx::query_as(&GET_RUN)
+            .bind(message_id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.map(run_from_row).transpose()
     }
 
@@ -389,15 +398,10 @@ impl Store for PostgresStore {
         );
         // Arrival order is `received_at`: ids follow insertion, and a batch inserts its events
         // in key order (to take locks in one order), not in the order they arrived.
-        let rows: Vec<EventRow> = sqlx::query_as(&format!(
-            "select status, received_at, duplicates, differing_duplicates, {}, key_id, \
-                    last_received_at, payload \
-             from events where message_id = $1 order by received_at, id",
-            run_row::CONFLICTING_TERMINAL
-        ))
-        .bind(message_id)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<EventRow> = sqlx::query_as(&LIST_EVENTS)
+            .bind(message_id)
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter()
             .map(
                 |(

@@ -250,6 +250,18 @@ static RUN_COLUMNS: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+static GET_RUN: LazyLock<String> =
+    LazyLock::new(|| format!("select {} from runs where message_id = ?", *RUN_COLUMNS));
+
+static LIST_EVENTS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "select status, received_at, duplicates, differing_duplicates, {}, key_id, \
+                    last_received_at, payload \
+             from events where message_id = ? order by received_at, id",
+        run_row::CONFLICTING_TERMINAL
+    )
+});
+
 type RunRow = run_row::RunRow<String>;
 
 fn run_from_row(row: RunRow) -> Result<Run, StoreError> {
@@ -304,13 +316,10 @@ impl Store for SqliteStore {
     }
 
     async fn get_run(&self, message_id: &str) -> Result<Option<Run>, StoreError> {
-        let row: Option<RunRow> = sqlx::query_as(&format!(
-            "select {} from runs where message_id = ?",
-            *RUN_COLUMNS
-        ))
-        .bind(message_id)
-        .fetch_optional(&self.readers)
-        .await?;
+        let row: Option<RunRow> = sqlx::query_as(&GET_RUN)
+            .bind(message_id)
+            .fetch_optional(&self.readers)
+            .await?;
         row.map(run_from_row).transpose()
     }
 
@@ -345,15 +354,10 @@ impl Store for SqliteStore {
     async fn list_events(&self, message_id: &str) -> Result<Vec<Event>, StoreError> {
         // Arrival order is `received_at`, as on PostgreSQL: ids follow insertion, and with
         // several ingest writers a later delivery may be committed first.
-        let rows: Vec<EventRow> = sqlx::query_as(&format!(
-            "select status, received_at, duplicates, differing_duplicates, {}, key_id, \
-                    last_received_at, payload \
-             from events where message_id = ? order by received_at, id",
-            run_row::CONFLICTING_TERMINAL
-        ))
-        .bind(message_id)
-        .fetch_all(&self.readers)
-        .await?;
+        let rows: Vec<EventRow> = sqlx::query_as(&LIST_EVENTS)
+            .bind(message_id)
+            .fetch_all(&self.readers)
+            .await?;
         rows.into_iter().map(event_from_row).collect()
     }
 
