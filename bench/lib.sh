@@ -3,7 +3,9 @@
 
 PG_ADMIN_URL=${PG_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 BENCH_PIDS=()
-BENCH_DATABASES=()
+# Databases to drop, one name a line. A file, not an array: callers run `$(fresh_database ...)`,
+# a subshell whose variables never reach the shell that cleans up.
+BENCH_DATABASES=$(mktemp)
 
 log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
@@ -17,7 +19,7 @@ database_url() {
 fresh_database() {
   local name="nen_bench_$1_$$_${RANDOM}"
   psql -X -q "$PG_ADMIN_URL" -c "create database \"$name\"" >/dev/null
-  BENCH_DATABASES+=("$name")
+  printf '%s\n' "$name" >>"$BENCH_DATABASES"
   database_url "$name"
 }
 
@@ -60,9 +62,11 @@ stop_process() {
 cleanup() {
   local pid name
   for pid in "${BENCH_PIDS[@]}"; do stop_process "$pid"; done
-  for name in "${BENCH_DATABASES[@]}"; do
-    psql -X -q "$PG_ADMIN_URL" -c "drop database if exists \"$name\" with (force)" >/dev/null 2>&1 || true
-  done
+  while read -r name; do
+    psql -X -q "$PG_ADMIN_URL" -c "drop database if exists \"$name\" with (force)" >/dev/null 2>&1 \
+      || log "could not drop database $name"
+  done <"$BENCH_DATABASES"
+  rm -f "$BENCH_DATABASES"
 }
 
 # Peak resident memory of a live process, in KiB.
