@@ -12,7 +12,6 @@ use axum::http::HeaderMap;
 use axum::Json;
 use chrono::Utc;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use super::AppState;
 use crate::error::ApiError;
@@ -88,19 +87,7 @@ async fn handle(
     };
     metrics::record_callback_key(key_id);
 
-    let delivery = Delivery {
-        body_sha256: Sha256::digest(&raw).into(),
-        message_id: parsed.message_id,
-        status: parsed.status,
-        workflow_id: parsed.workflow_id,
-        expires_at: parsed.expires_at,
-        result: parsed.result,
-        assets_url: parsed.assets_url,
-        error: parsed.error,
-        raw_body: raw,
-        key_id: key_id.to_owned(),
-        received_at,
-    };
+    let delivery = Delivery::verified(raw, parsed, key_id, received_at);
     let message_id = delivery.message_id.clone();
     let status = delivery.status.clone();
 

@@ -4,7 +4,9 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
 
+use crate::payload::ParsedCallback;
 use crate::status::StatusRank;
 
 /// One verified callback, parsed leniently, ready to be stored.
@@ -28,6 +30,29 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// A callback whose signature checked out: `parsed` is what `payload::parse_callback` read
+    /// from `raw`, and `key_id` names the secret that verified it.
+    pub fn verified(
+        raw: Bytes,
+        parsed: ParsedCallback,
+        key_id: &str,
+        received_at: DateTime<Utc>,
+    ) -> Self {
+        Delivery {
+            body_sha256: Sha256::digest(&raw).into(),
+            message_id: parsed.message_id,
+            status: parsed.status,
+            workflow_id: parsed.workflow_id,
+            expires_at: parsed.expires_at,
+            result: parsed.result,
+            assets_url: parsed.assets_url,
+            error: parsed.error,
+            raw_body: raw,
+            key_id: key_id.to_owned(),
+            received_at,
+        }
+    }
+
     pub fn rank(&self) -> StatusRank {
         StatusRank::of(&self.status)
     }

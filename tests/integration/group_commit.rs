@@ -18,7 +18,6 @@ use nen_relay::store::{
     RunPage, RunQuery, Store, StoreError, StoredResponse, TriggeredRun,
 };
 use reqwest::StatusCode;
-use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::support::app::{callback, error_code};
@@ -123,19 +122,7 @@ impl Store for GatedStore {
 
 fn delivery(body: &str) -> Delivery {
     let parsed = parse_callback(body.as_bytes()).expect("a valid callback");
-    Delivery {
-        message_id: parsed.message_id,
-        status: parsed.status,
-        workflow_id: parsed.workflow_id,
-        expires_at: parsed.expires_at,
-        result: parsed.result,
-        assets_url: parsed.assets_url,
-        error: parsed.error,
-        body_sha256: Sha256::digest(body.as_bytes()).into(),
-        raw_body: Bytes::from(body.to_owned()),
-        key_id: "k-test".into(),
-        received_at: Utc::now(),
-    }
+    Delivery::verified(Bytes::from(body.to_owned()), parsed, "k-test", Utc::now())
 }
 
 fn unique(name: &str) -> String {

@@ -43,19 +43,7 @@ fn at(millis: i64) -> DateTime<Utc> {
 fn delivery(body: &str, millis: i64) -> Delivery {
     let raw = Bytes::from(body.to_owned());
     let parsed = parse_callback(&raw).expect("a valid callback body");
-    Delivery {
-        body_sha256: Sha256::digest(&raw).into(),
-        message_id: parsed.message_id,
-        status: parsed.status,
-        workflow_id: parsed.workflow_id,
-        expires_at: parsed.expires_at,
-        result: parsed.result,
-        assets_url: parsed.assets_url,
-        error: parsed.error,
-        raw_body: raw,
-        key_id: "key-1".into(),
-        received_at: at(millis),
-    }
+    Delivery::verified(raw, parsed, "key-1", at(millis))
 }
 
 const NEW: DeliveryOutcome = DeliveryOutcome {
