@@ -251,55 +251,42 @@ async fn nen_failures_are_502_and_504_and_never_retried(db: TestDatabase) {
     })
     .await;
 
-    let failing = workflow_id();
-    Mock::given(method("POST"))
-        .and(body_partial_json(json!({"workflow_id": failing})))
-        .respond_with(ResponseTemplate::new(500).set_body_json(json!({"error": "boom"})))
-        .expect(1)
-        .mount(&nen)
+    let (failing, slow, no_message_id) = (workflow_id(), workflow_id(), workflow_id());
+    let cases = [
+        (
+            &failing,
+            ResponseTemplate::new(500).set_body_json(json!({"error": "boom"})),
+            StatusCode::BAD_GATEWAY,
+            "nen_unavailable",
+        ),
+        (
+            &slow,
+            accepted_by_nen("m-too-late", &slow).set_delay(Duration::from_secs(5)),
+            StatusCode::GATEWAY_TIMEOUT,
+            "nen_timeout",
+        ),
+        (
+            &no_message_id,
+            ResponseTemplate::new(202).set_body_json(json!({"message": "ok"})),
+            StatusCode::BAD_GATEWAY,
+            "nen_unavailable",
+        ),
+    ];
+    for (workflow, answer, status, code) in cases {
+        Mock::given(method("POST"))
+            .and(body_partial_json(json!({"workflow_id": workflow})))
+            .respond_with(answer)
+            .expect(1)
+            .mount(&nen)
+            .await;
+        let response = trigger(
+            &app,
+            &json!({"workflow_id": workflow, "workflow_params": {}}),
+            None,
+        )
         .await;
-    let response = trigger(
-        &app,
-        &json!({"workflow_id": failing, "workflow_params": {}}),
-        None,
-    )
-    .await;
-    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
-    assert_eq!(error_code(response).await, "nen_unavailable");
-
-    let slow = workflow_id();
-    Mock::given(method("POST"))
-        .and(body_partial_json(json!({"workflow_id": slow})))
-        .respond_with(accepted_by_nen("m-too-late", &slow).set_delay(Duration::from_secs(5)))
-        .expect(1)
-        .mount(&nen)
-        .await;
-    let response = trigger(
-        &app,
-        &json!({"workflow_id": slow, "workflow_params": {}}),
-        None,
-    )
-    .await;
-    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
-    assert_eq!(error_code(response).await, "nen_timeout");
-
-    let no_message_id = workflow_id();
-    Mock::given(method("POST"))
-        .and(body_partial_json(json!({"workflow_id": no_message_id})))
-        .respond_with(ResponseTemplate::new(202).set_body_json(json!({"message": "ok"})))
-        .expect(1)
-        .mount(&nen)
-        .await;
-    let response = trigger(
-        &app,
-        &json!({"workflow_id": no_message_id, "workflow_params": {}}),
-        None,
-    )
-    .await;
-    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
-    assert_eq!(error_code(response).await, "nen_unavailable");
-
-    for workflow in [&failing, &slow, &no_message_id] {
+        assert_eq!(response.status(), status, "{code}");
+        assert_eq!(error_code(response).await, code);
         assert_eq!(requests_for(&nen, workflow).await.len(), 1, "never retried");
     }
     assert_eq!(listed_runs(&app).await, Vec::<Value>::new());
