@@ -305,6 +305,15 @@ async fn deliver(shared: &Shared, target: &str, body: &str) -> u16 {
     answered
 }
 
+/// Nen's 400 for a request it cannot read; nothing is started.
+fn invalid_request(detail: &str) -> (Response, Option<String>, Option<CallbackPlan>) {
+    (
+        nen_error(StatusCode::BAD_REQUEST, "Invalid request", detail),
+        None,
+        None,
+    )
+}
+
 /// What Nen would answer, and the callbacks that follow an acceptance.
 fn decide(
     shared: &Shared,
@@ -329,37 +338,13 @@ fn decide(
         );
     }
     let Ok(Value::Object(request)) = serde_json::from_slice::<Value>(body) else {
-        return (
-            nen_error(
-                StatusCode::BAD_REQUEST,
-                "Invalid request",
-                "The body must be a JSON object.",
-            ),
-            None,
-            None,
-        );
+        return invalid_request("The body must be a JSON object.");
     };
     let Some(workflow_id) = request.get("workflow_id").and_then(Value::as_str) else {
-        return (
-            nen_error(
-                StatusCode::BAD_REQUEST,
-                "Invalid request",
-                "Missing required field: workflow_id",
-            ),
-            None,
-            None,
-        );
+        return invalid_request("Missing required field: workflow_id");
     };
     let Some(params) = request.get("workflow_params").and_then(Value::as_object) else {
-        return (
-            nen_error(
-                StatusCode::BAD_REQUEST,
-                "Invalid request",
-                "Missing required field: workflow_params",
-            ),
-            None,
-            None,
-        );
+        return invalid_request("Missing required field: workflow_params");
     };
     if request.contains_key("secure_workflow_params") {
         if let Some(refusal) = check_signature(options, header, body) {
