@@ -30,9 +30,9 @@ use crate::config::Settings;
 use crate::error::ApiError;
 use crate::http::auth::{self, ApiTokens};
 use crate::http::{callbacks, ops, runs, trigger, AppState};
-use crate::ingest::{Ingest, Writers};
+use crate::callbacks::ingest::{Ingest, Writers};
 use crate::nen::NenClient;
-use crate::signature::WebhookKeys;
+use crate::callbacks::signature::WebhookKeys;
 use crate::store::{self, Store};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -115,7 +115,7 @@ pub fn sign(args: SignArgs) -> anyhow::Result<()> {
                 .context("cannot read stdin")?;
         }
     }
-    println!("{}", crate::signature::sign(secret.as_bytes(), &body));
+    println!("{}", crate::callbacks::signature::sign(secret.as_bytes(), &body));
     Ok(())
 }
 

@@ -11,22 +11,18 @@ pub mod cli;
 pub mod config;
 /// `ApiError`: every error answer as `{"error", "message"}` with its status.
 pub mod error;
+/// Receiving callbacks: signature, payload, group-committed ingest.
+pub mod callbacks;
 /// HTTP handlers, one file per surface.
 pub mod http;
-/// Group commit: verified deliveries wait briefly together and share one transaction.
-pub mod ingest;
 /// `nen-relay bench`: a bounded load generator with a loss check.
 pub mod loadgen;
 /// Metric names and the helpers that record them.
 pub mod metrics;
 /// Talking to Nen: the outbound client, request signing, and a stand-in for tests and demos.
 pub mod nen;
-/// Lenient parsing of a verified callback body into a `Delivery`.
-pub mod payload;
-/// `X-Hmac-Signature`: parsing, and constant-time verification against several secrets.
-pub mod signature;
-/// Run status ordering: submitted < processing < terminal.
-pub mod status;
+/// Runs: status order, starting runs on Nen, idempotency, queries.
+pub mod runs;
 /// The `Store` trait and its PostgreSQL and SQLite backends.
 pub mod store;
 /// Tracing subscriber (JSON or pretty) and the Prometheus recorder.

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nen_relay::payload::{parse_callback, MAX_MESSAGE_ID_LEN, MAX_STATUS_LEN};
+use nen_relay::callbacks::payload::{parse_callback, MAX_MESSAGE_ID_LEN, MAX_STATUS_LEN};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(parsed) = parse_callback(data) {

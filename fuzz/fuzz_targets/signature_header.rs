@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nen_relay::signature::SignatureHeader;
+use nen_relay::callbacks::signature::SignatureHeader;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(header) = SignatureHeader::parse(data) {

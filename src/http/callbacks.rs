@@ -15,10 +15,10 @@ use serde::Serialize;
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::ingest::IngestError;
+use crate::callbacks::ingest::IngestError;
 use crate::metrics::{self, CallbackOutcome};
-use crate::payload::parse_callback;
-use crate::signature::{SignatureHeader, SIGNATURE_HEADER};
+use crate::callbacks::payload::parse_callback;
+use crate::callbacks::signature::{SignatureHeader, SIGNATURE_HEADER};
 use crate::store::{Delivery, RejectedPayload};
 
 /// The acknowledgement Nen gets once the delivery is committed.

@@ -10,9 +10,9 @@ pub mod trigger;
 use std::sync::Arc;
 
 use crate::config::Settings;
-use crate::ingest::Ingest;
+use crate::callbacks::ingest::Ingest;
 use crate::nen::NenClient;
-use crate::signature::WebhookKeys;
+use crate::callbacks::signature::WebhookKeys;
 use crate::store::Store;
 
 use auth::ApiTokens;

@@ -12,7 +12,7 @@ use http::HeaderValue;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::signature::sign;
+use crate::callbacks::signature::sign;
 
 /// Share of requests that repeat an earlier callback.
 const REPEAT_SHARE: f64 = 0.2;
@@ -138,7 +138,7 @@ mod tests {
                 assert!(started[callback.run as usize], "terminal before processing");
             }
             let text = std::str::from_utf8(&callback.body).unwrap();
-            let parsed = crate::payload::parse_callback(text.as_bytes()).unwrap();
+            let parsed = crate::callbacks::payload::parse_callback(text.as_bytes()).unwrap();
             assert_eq!(parsed.status, callback.status);
             assert_eq!(parsed.message_id, mix.runs[callback.run as usize]);
         }

@@ -9,7 +9,7 @@ use futures::stream::{self, StreamExt};
 use serde::Deserialize;
 
 use super::mix::Mix;
-use crate::status::StatusRank;
+use crate::runs::status::StatusRank;
 
 /// Runs checked, and what was wrong (both empty when nothing was lost).
 pub struct Verdict {

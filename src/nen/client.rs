@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use url::Url;
 
-use super::request_signing;
+use super::signing;
 use crate::config::NenSettings;
 
 /// Nen's answers are small; anything beyond this is cut off rather than buffered.
@@ -108,7 +108,7 @@ impl NenClient {
                 return StartRunOutcome::Unavailable("NEN_SIGNING_KEY is not set".into());
             };
             let timestamp = chrono::Utc::now().timestamp().to_string();
-            let signature = request_signing::signature(
+            let signature = signing::signature(
                 signing_key.expose_secret().as_bytes(),
                 &timestamp,
                 &body,

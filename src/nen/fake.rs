@@ -24,8 +24,8 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use super::request_signing;
-use crate::signature::sign;
+use super::signing;
+use crate::callbacks::signature::sign;
 
 /// Options of `nen-relay fake-nen`.
 #[derive(Debug, Clone, Args)]
@@ -396,7 +396,7 @@ fn check_signature(
             "x-timestamp is missing or outside the 5-minute tolerance.",
         ));
     }
-    let expected = request_signing::signature(signing_key.as_bytes(), &timestamp, body);
+    let expected = signing::signature(signing_key.as_bytes(), &timestamp, body);
     if !bool::from(expected.as_bytes().ct_eq(signature.as_bytes())) {
         return Some(nen_error(
             StatusCode::UNAUTHORIZED,

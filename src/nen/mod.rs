@@ -2,6 +2,6 @@
 
 pub mod client;
 pub mod fake;
-pub mod request_signing;
+pub mod signing;
 
 pub use client::{NenClient, StartRunOutcome};

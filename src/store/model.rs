@@ -6,8 +6,8 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-use crate::payload::ParsedCallback;
-use crate::status::StatusRank;
+use crate::callbacks::payload::ParsedCallback;
+use crate::runs::status::StatusRank;
 
 /// One verified callback, parsed leniently, ready to be stored.
 #[derive(Debug, Clone)]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 
 use super::model::{Delivery, DeliveryOutcome};
-use crate::status::StatusRank;
+use crate::runs::status::StatusRank;
 
 /// Deliveries of one `(message_id, status)` within a batch, in arrival order.
 #[derive(Debug, Clone, PartialEq, Eq)]

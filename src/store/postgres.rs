@@ -19,7 +19,7 @@ use super::model::*;
 use super::plan::BatchPlan;
 use super::run_row;
 use super::{Store, StoreError, StoreOptions};
-use crate::status::StatusRank;
+use crate::runs::status::StatusRank;
 
 /// Deadlocks and serialization failures between concurrent writers are retried this often.
 const MAX_ATTEMPTS: usize = 3;

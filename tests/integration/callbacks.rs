@@ -120,11 +120,11 @@ async fn checks_run_in_spec_order(db: TestDatabase) {
 async fn a_second_secret_is_accepted_for_rotation(db: TestDatabase) {
     let app = TestApp::spawn(db).await;
     let body = callback("m-rotated", "processing", json!({}));
-    let signature = nen_relay::signature::sign(app.secrets[1].as_bytes(), body.as_bytes());
+    let signature = nen_relay::callbacks::signature::sign(app.secrets[1].as_bytes(), body.as_bytes());
     let response = app.deliver_with(body.as_bytes(), Some(&signature)).await;
     assert_eq!(response.status(), StatusCode::OK);
     let events = app.events("m-rotated").await;
-    let expected = nen_relay::signature::key_id(app.secrets[1].as_bytes());
+    let expected = nen_relay::callbacks::signature::key_id(app.secrets[1].as_bytes());
     assert_eq!(events[0]["key_id"], json!(expected));
 }
 

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::Utc;
 use nen_relay::config::IngestSettings;
-use nen_relay::ingest::{Ingest, IngestError};
-use nen_relay::payload::parse_callback;
+use nen_relay::callbacks::ingest::{Ingest, IngestError};
+use nen_relay::callbacks::payload::parse_callback;
 use nen_relay::store::{
     self, ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,
     RunPage, RunQuery, Store, StoreError, StoredResponse, TriggeredRun,

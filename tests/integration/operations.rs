@@ -44,7 +44,7 @@ async fn health_readiness_and_metrics_need_no_token(db: TestDatabase) {
     ] {
         assert!(metrics.contains(needle), "metrics lack {needle}");
     }
-    let key_id = nen_relay::signature::key_id(app.secrets[0].as_bytes());
+    let key_id = nen_relay::callbacks::signature::key_id(app.secrets[0].as_bytes());
     assert!(metrics.contains(&format!("key_id=\"{key_id}\"")));
     for secret in app.all_secrets() {
         assert!(!metrics.contains(&secret), "a secret reached /metrics");
@@ -170,7 +170,7 @@ async fn an_unreachable_store_gives_503_with_retry_after() {
     assert_eq!(error_code(ready).await, "unavailable");
 
     let body = callback("m-down", "processing", json!({}));
-    let signature = nen_relay::signature::sign(b"whsec-unreachable", body.as_bytes());
+    let signature = nen_relay::callbacks::signature::sign(b"whsec-unreachable", body.as_bytes());
     let response = client
         .post(format!("{base}/webhooks/nen"))
         .header("X-Hmac-Signature", signature)

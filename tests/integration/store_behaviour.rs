@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use nen_relay::payload::parse_callback;
+use nen_relay::callbacks::payload::parse_callback;
 use nen_relay::store::{
     self, ClaimOutcome, Delivery, DeliveryOutcome, IdempotencyClaim, RejectedPayload, Run,
     RunCursor, RunQuery, Store, StoreOptions, StoredResponse, TriggeredRun,

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use nen_relay::nen::fake::{FakeNen, FakeNenOptions};
-use nen_relay::nen::request_signing;
+use nen_relay::nen::signing;
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
 use sqlx::{Connection, Row};
@@ -658,7 +658,7 @@ async fn secure_params_are_signed_and_kept_nowhere(db: TestDatabase) {
     let timestamp = &sent.headers["x-timestamp"];
     assert_eq!(
         sent.headers["x-signature"],
-        request_signing::signature(keys.signing_key.as_bytes(), timestamp, &sent.body),
+        signing::signature(keys.signing_key.as_bytes(), timestamp, &sent.body),
         "the signature covers exactly the bytes sent"
     );
     let sent_json: Value = serde_json::from_slice(&sent.body).unwrap();

@@ -1,0 +1,3 @@
+//! Runs: their status order, starting them on Nen, idempotency, and reading them back.
+
+pub mod status;
