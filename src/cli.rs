@@ -80,7 +80,7 @@ pub async fn serve() -> anyhow::Result<()> {
 pub async fn migrate() -> anyhow::Result<()> {
     let settings = Settings::load()?;
     crate::telemetry::init_tracing(settings.log_format);
-    crate::store::connect(&settings.database_url, &settings.store, true)
+    crate::store::connect(&settings.database_url, &settings.store.options(), true)
         .await
         .context("migration failed")?;
     tracing::info!("migrations applied");
