@@ -282,6 +282,28 @@ fn config_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("config"))
 }
 
+/// The listen address the settings give, read without the rest: the health check needs only
+/// it, and must not depend on secrets being readable.
+pub fn bind_address() -> Result<SocketAddr, ConfigError> {
+    let variables: BTreeMap<String, String> = std::env::vars().collect();
+    bind_from_sources(Environment::from_env()?, &config_dir(), &variables)
+}
+
+fn bind_from_sources(
+    environment: Environment,
+    config_dir: &Path,
+    variables: &BTreeMap<String, String>,
+) -> Result<SocketAddr, ConfigError> {
+    let bind_only: BTreeMap<String, String> = variables
+        .iter()
+        .filter(|(name, _)| *name == "NEN_RELAY_BIND")
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    layers::figment(environment, config_dir, &bind_only)?
+        .extract_inner_lossy("bind")
+        .map_err(layers::describe)
+}
+
 fn require_http(name: &str, url: &Url) -> Result<(), ConfigError> {
     if !matches!(url.scheme(), "http" | "https") {
         return Err(ConfigError::Invalid(format!(

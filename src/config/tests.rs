@@ -749,3 +749,24 @@ fn the_environment_file_of_the_folder_overrides_the_built_in_one() {
     .unwrap();
     assert_eq!(settings.log_format, LogFormat::Pretty);
 }
+
+#[test]
+fn the_health_check_finds_the_bind_address_without_secrets() {
+    let production = bind_from_sources(Environment::Production, &no_files(), &vars(&[]));
+    assert_eq!(production.unwrap().to_string(), "0.0.0.0:8080");
+    let local = bind_from_sources(Environment::Local, &no_files(), &vars(&[]));
+    assert_eq!(local.unwrap().to_string(), "127.0.0.1:8080");
+    let dir = config_dir_with(&[("production.toml", "bind = \"0.0.0.0:9443\"\n")]);
+    let from_file = bind_from_sources(
+        Environment::Production,
+        dir.path(),
+        &vars(&[("NEN_RELAY_INGEST__NONSENSE", "x")]),
+    );
+    assert_eq!(from_file.unwrap().port(), 9443);
+    let from_variable = bind_from_sources(
+        Environment::Production,
+        dir.path(),
+        &vars(&[("NEN_RELAY_BIND", "127.0.0.1:7000")]),
+    );
+    assert_eq!(from_variable.unwrap().port(), 7000);
+}
