@@ -51,8 +51,8 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let store = store::connect(
             &settings.database_url,
-            &settings.store,
-            settings.migrate_on_start,
+            &settings.store.options(),
+            settings.store.migrate_on_start,
         )
         .await
         .context("cannot open the store named by DATABASE_URL")?;

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use secrecy::ExposeSecret;
 
 use crate::app::Application;
-use crate::config::{Environment, Settings};
+use crate::config::Settings;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -80,7 +80,7 @@ pub async fn serve() -> anyhow::Result<()> {
 pub async fn migrate() -> anyhow::Result<()> {
     let settings = Settings::load()?;
     crate::telemetry::init_tracing(settings.log_format);
-    crate::store::connect(&settings.database_url, &settings.store, true)
+    crate::store::connect(&settings.database_url, &settings.store.options(), true)
         .await
         .context("migration failed")?;
     tracing::info!("migrations applied");
@@ -124,16 +124,7 @@ pub async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<()> {
     let url = match args.url {
         Some(url) => url,
         None => {
-            let environment = Environment::from_env()?;
-            let default = if environment == Environment::Production {
-                "0.0.0.0:8080"
-            } else {
-                "127.0.0.1:8080"
-            };
-            let bind = std::env::var("NEN_RELAY_BIND").unwrap_or_else(|_| default.to_owned());
-            let address: std::net::SocketAddr = bind
-                .parse()
-                .with_context(|| format!("NEN_RELAY_BIND is not an address: {bind:?}"))?;
+            let address = crate::config::bind_address()?;
             let host = if address.ip().is_unspecified() {
                 "127.0.0.1".to_owned()
             } else if address.is_ipv6() {

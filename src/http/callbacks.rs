@@ -58,7 +58,7 @@ async fn handle(
         headers,
         body,
         settings.max_body_bytes,
-        Duration::from_millis(settings.body_timeout_ms),
+        settings.body_timeout,
     )
     .await?;
 
@@ -77,7 +77,7 @@ async fn handle(
                 received_at,
             };
             tokio::time::timeout(
-                state.settings.ack_timeout(),
+                settings.ack_timeout,
                 state.store.record_rejected_payload(&rejected),
             )
             .await
@@ -91,7 +91,7 @@ async fn handle(
     let message_id = delivery.message_id.clone();
     let status = delivery.status.clone();
 
-    let outcome = tokio::time::timeout(state.settings.ack_timeout(), state.ingest.record(delivery))
+    let outcome = tokio::time::timeout(settings.ack_timeout, state.ingest.record(delivery))
         .await
         .map_err(|_| ApiError::Unavailable("the store did not commit in time".into()))?
         .map_err(|error| match error {

@@ -80,7 +80,7 @@ impl TestApp {
         .expect("valid test settings");
         let store = match store {
             Some(store) => store,
-            None => store::connect(&settings.database_url, &settings.store, true)
+            None => store::connect(&settings.database_url, &settings.store.options(), true)
                 .await
                 .expect("the test database opens and migrates"),
         };

@@ -1,0 +1,772 @@
+use super::*;
+
+fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn no_files() -> PathBuf {
+    PathBuf::from("/nonexistent-nen-relay-config")
+}
+
+#[test]
+fn debug_output_of_settings_shows_no_secret() {
+    let secrets = [
+        ("NEN_WEBHOOK_SECRETS", "whsec-debug-1,whsec-debug-2"),
+        ("NEN_RELAY_API_TOKENS", "token-debug-1"),
+        ("NEN_API_KEY", "nen-key-debug"),
+        ("NEN_SIGNING_KEY", "signing-key-debug"),
+        (
+            "DATABASE_URL",
+            "postgres://relay:db-password-debug@127.0.0.1/relay",
+        ),
+    ];
+    let settings =
+        Settings::from_sources(Environment::Local, &no_files(), &vars(&secrets)).unwrap();
+    let shown = format!("{settings:?} {settings:#?}");
+    for leaked in [
+        "whsec-debug",
+        "token-debug",
+        "nen-key-debug",
+        "signing-key-debug",
+        "db-password-debug",
+    ] {
+        assert!(!shown.contains(leaked), "{leaked} appears in {shown}");
+    }
+}
+
+#[test]
+fn local_defaults_work_without_any_variable() {
+    let settings = Settings::from_sources(Environment::Local, &no_files(), &vars(&[])).unwrap();
+    assert_eq!(settings.bind.to_string(), "127.0.0.1:8080");
+    assert!(settings
+        .database_url
+        .expose_secret()
+        .starts_with("sqlite://"));
+    assert_eq!(settings.webhook_secrets.len(), 1);
+    assert_eq!(settings.generated.len(), 2);
+    assert_eq!(settings.log_format, LogFormat::Pretty);
+}
+
+#[test]
+fn production_refuses_to_start_without_secrets_and_names_them() {
+    let error = Settings::from_sources(
+        Environment::Production,
+        &no_files(),
+        &vars(&[("NEN_RELAY_API_TOKENS", "t")]),
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("NEN_WEBHOOK_SECRETS"), "{error}");
+    let error = Settings::from_sources(
+        Environment::Production,
+        &no_files(),
+        &vars(&[("NEN_WEBHOOK_SECRETS", "s")]),
+    )
+    .unwrap_err();
+    assert!(
+        error.to_string().contains("NEN_RELAY_API_TOKENS"),
+        "{error}"
+    );
+}
+
+#[test]
+fn lists_are_comma_separated_and_numeric_secrets_stay_strings() {
+    let settings = Settings::from_sources(
+        Environment::Production,
+        &no_files(),
+        &vars(&[
+            ("NEN_WEBHOOK_SECRETS", "12345, abc ,"),
+            ("NEN_RELAY_API_TOKENS", "42"),
+        ]),
+    )
+    .unwrap();
+    let secrets: Vec<&str> = secrets_as_strs(&settings.webhook_secrets).collect();
+    assert_eq!(secrets, ["12345", "abc"]);
+    let tokens: Vec<&str> = secrets_as_strs(&settings.api_tokens).collect();
+    assert_eq!(tokens, ["42"]);
+    assert_eq!(settings.bind.to_string(), "0.0.0.0:8080");
+    assert_eq!(settings.log_format, LogFormat::Json);
+}
+
+#[test]
+fn secrets_can_come_from_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("secret");
+    std::fs::write(&path, "from-file\n").unwrap();
+    let path = path.to_str().unwrap();
+    let settings = Settings::from_sources(
+        Environment::Production,
+        &no_files(),
+        &vars(&[
+            ("NEN_WEBHOOK_SECRETS_FILE", path),
+            ("NEN_RELAY_API_TOKENS", "t"),
+            ("NEN_API_KEY_FILE", path),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(settings.webhook_secrets[0].expose_secret(), "from-file");
+    assert_eq!(settings.nen.api_key.unwrap().expose_secret(), "from-file");
+    let missing = Settings::from_sources(
+        Environment::Local,
+        &no_files(),
+        &vars(&[("NEN_API_KEY_FILE", "/nonexistent/key")]),
+    )
+    .unwrap_err();
+    assert!(
+        missing.to_string().contains("NEN_API_KEY_FILE"),
+        "{missing}"
+    );
+}
+
+#[test]
+fn files_layer_under_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("default.toml"),
+        "bind = \"127.0.0.1:9000\"\n[ingest]\nmax_batch = 7\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("local.toml"), "[ingest]\nwriters = 3\n").unwrap();
+    let settings = Settings::from_sources(Environment::Local, dir.path(), &vars(&[])).unwrap();
+    assert_eq!(settings.bind.port(), 9000);
+    assert_eq!((settings.ingest.max_batch, settings.ingest.writers), (7, 3));
+    let settings = Settings::from_sources(
+        Environment::Local,
+        dir.path(),
+        &vars(&[("NEN_RELAY_BIND", "127.0.0.1:9001")]),
+    )
+    .unwrap();
+    assert_eq!(settings.bind.port(), 9001);
+}
+
+#[test]
+fn bad_values_are_named() {
+    let error = Settings::from_sources(
+        Environment::Local,
+        &no_files(),
+        &vars(&[("NEN_RELAY_BIND", "nowhere")]),
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("NEN_RELAY_BIND"));
+    let error = Settings::from_sources(
+        Environment::Local,
+        &no_files(),
+        &vars(&[("DATABASE_URL", "mysql://x")]),
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("DATABASE_URL"));
+}
+
+#[test]
+fn debug_output_hides_secrets() {
+    let settings = Settings::from_sources(
+        Environment::Local,
+        &no_files(),
+        &vars(&[
+            ("NEN_WEBHOOK_SECRETS", "whsec-visible"),
+            ("NEN_API_KEY", "key-visible"),
+        ]),
+    )
+    .unwrap();
+    let debug = format!("{settings:?}");
+    assert!(!debug.contains("whsec-visible") && !debug.contains("key-visible"));
+    // The token made up for this local start is not shown either.
+    let (name, token) = &settings.generated[0];
+    assert_eq!(*name, "NEN_RELAY_API_TOKENS");
+    assert!(!debug.contains(token.expose_secret()));
+}
+
+/// Settings that production accepts, plus `extra`.
+fn production_with(extra: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    let mut variables = vars(&[("NEN_WEBHOOK_SECRETS", "s"), ("NEN_RELAY_API_TOKENS", "t")]);
+    variables.extend(vars(extra));
+    Settings::from_sources(Environment::Production, &no_files(), &variables)
+}
+
+fn local_with(extra: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    Settings::from_sources(Environment::Local, &no_files(), &vars(extra))
+}
+
+/// A config folder holding `files` (name, text).
+fn config_dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+fn error_text(result: Result<Settings, ConfigError>) -> String {
+    result.expect_err("the settings are refused").to_string()
+}
+
+#[test]
+fn the_shipped_files_parse_in_both_environments_with_the_documented_defaults() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let secrets = vars(&[("NEN_WEBHOOK_SECRETS", "s"), ("NEN_RELAY_API_TOKENS", "t")]);
+    for (environment, bind, database_url, log_format) in [
+        (
+            Environment::Local,
+            "127.0.0.1:8080",
+            "sqlite://data/nen-relay.db",
+            LogFormat::Pretty,
+        ),
+        (
+            Environment::Production,
+            "0.0.0.0:8080",
+            "sqlite:///var/lib/nen-relay/nen-relay.db",
+            LogFormat::Json,
+        ),
+    ] {
+        // From the folder as shipped, and from the built-in copy alone (a folder-less image).
+        for dir in [shipped.as_path(), no_files().as_path()] {
+            let settings = Settings::from_sources(environment, dir, &secrets).unwrap();
+            assert_eq!(settings.environment, environment);
+            assert_eq!(settings.bind.to_string(), bind);
+            assert_eq!(settings.database_url.expose_secret(), database_url);
+            assert_eq!(settings.log_format, log_format);
+            assert_eq!(settings.public_url, None);
+            assert_eq!(settings.webhook.max_body_bytes, 1024 * 1024);
+            assert_eq!(settings.webhook.body_timeout, Duration::from_secs(10));
+            assert_eq!(settings.webhook.ack_timeout, Duration::from_secs(2));
+            let ingest = &settings.ingest;
+            assert_eq!(
+                (ingest.writers, ingest.max_batch, ingest.queue_capacity),
+                (1, 256, 4096)
+            );
+            assert_eq!(settings.store.max_connections, 16);
+            assert_eq!(settings.store.acquire_timeout, Duration::from_millis(1000));
+            assert_eq!(
+                settings.store.statement_timeout,
+                Duration::from_millis(1500)
+            );
+            assert!(settings.store.migrate_on_start);
+            assert_eq!(settings.http.header_read_timeout, Duration::from_secs(10));
+            assert_eq!(settings.http.shutdown_timeout, Duration::from_secs(20));
+            assert_eq!(settings.http.max_in_flight, 4096);
+            assert_eq!(settings.nen.base_url.as_str(), "https://api.getnen.ai/");
+            assert!(settings.nen.api_key.is_none() && settings.nen.signing_key.is_none());
+            assert_eq!(settings.nen.connect_timeout, Duration::from_secs(5));
+            assert_eq!(settings.nen.timeout, Duration::from_secs(30));
+            assert!(!settings.trigger.store_workflow_params);
+            assert_eq!(
+                settings.trigger.idempotency_ttl,
+                Duration::from_secs(24 * 3600)
+            );
+            assert!(settings.generated.is_empty());
+        }
+    }
+}
+
+#[test]
+fn the_store_options_carry_the_store_settings() {
+    let settings = local_with(&[
+        ("NEN_RELAY_STORE__MAX_CONNECTIONS", "3"),
+        ("NEN_RELAY_STORE__ACQUIRE_TIMEOUT", "250ms"),
+        ("NEN_RELAY_STORE__STATEMENT_TIMEOUT", "4s"),
+    ])
+    .unwrap();
+    let options = settings.store.options();
+    assert_eq!(options.max_connections, 3);
+    assert_eq!(options.acquire_timeout, Duration::from_millis(250));
+    assert_eq!(options.statement_timeout, Duration::from_secs(4));
+}
+
+#[test]
+fn durations_are_written_with_their_unit() {
+    let dir = config_dir_with(&[(
+        "default.toml",
+        "[http]\nheader_read_timeout = \"1500ms\"\nshutdown_timeout = \"2m\"\n",
+    )]);
+    let settings = Settings::from_sources(
+        Environment::Local,
+        dir.path(),
+        &vars(&[
+            ("NEN_RELAY_WEBHOOK__ACK_TIMEOUT", "3s"),
+            ("NEN_RELAY_TRIGGER__IDEMPOTENCY_TTL", "90d"),
+            ("NEN_RELAY_NEN__TIMEOUT", "1m 30s"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        settings.http.header_read_timeout,
+        Duration::from_millis(1500)
+    );
+    assert_eq!(settings.http.shutdown_timeout, Duration::from_secs(120));
+    assert_eq!(settings.webhook.ack_timeout, Duration::from_secs(3));
+    assert_eq!(
+        settings.trigger.idempotency_ttl,
+        Duration::from_secs(90 * 86_400)
+    );
+    assert_eq!(settings.nen.timeout, Duration::from_secs(90));
+
+    // A bare number has no unit: refused, naming where it was written.
+    let error = error_text(local_with(&[("NEN_RELAY_HTTP__HEADER_READ_TIMEOUT", "10")]));
+    assert!(
+        error.contains("NEN_RELAY_HTTP__HEADER_READ_TIMEOUT"),
+        "{error}"
+    );
+    let dir = config_dir_with(&[("local.toml", "[webhook]\nbody_timeout = 10\n")]);
+    let error = error_text(Settings::from_sources(
+        Environment::Local,
+        dir.path(),
+        &vars(&[]),
+    ));
+    assert!(error.contains("webhook.body_timeout"), "{error}");
+    assert!(error.contains("local.toml"), "{error}");
+}
+
+#[test]
+fn every_millisecond_variable_still_works() {
+    let settings = local_with(&[
+        ("NEN_RELAY_WEBHOOK__BODY_TIMEOUT_MS", "11"),
+        ("NEN_RELAY_WEBHOOK__ACK_TIMEOUT_MS", "12"),
+        ("NEN_RELAY_STORE__ACQUIRE_TIMEOUT_MS", "13"),
+        ("NEN_RELAY_STORE__STATEMENT_TIMEOUT_MS", "14"),
+        ("NEN_RELAY_HTTP__HEADER_READ_TIMEOUT_MS", "10000"),
+        ("NEN_RELAY_HTTP__SHUTDOWN_TIMEOUT_MS", "16"),
+        ("NEN_RELAY_NEN__CONNECT_TIMEOUT_MS", "17"),
+        ("NEN_RELAY_NEN__TIMEOUT_MS", "18"),
+        ("NEN_RELAY_TRIGGER__IDEMPOTENCY_TTL_HOURS", "48"),
+    ])
+    .unwrap();
+    let ms = Duration::from_millis;
+    assert_eq!(settings.webhook.body_timeout, ms(11));
+    assert_eq!(settings.webhook.ack_timeout, ms(12));
+    assert_eq!(settings.store.acquire_timeout, ms(13));
+    assert_eq!(settings.store.statement_timeout, ms(14));
+    assert_eq!(settings.http.header_read_timeout, ms(10_000));
+    assert_eq!(settings.http.shutdown_timeout, ms(16));
+    assert_eq!(settings.nen.connect_timeout, ms(17));
+    assert_eq!(settings.nen.timeout, ms(18));
+    assert_eq!(
+        settings.trigger.idempotency_ttl,
+        Duration::from_secs(48 * 3600)
+    );
+
+    let error = error_text(local_with(&[(
+        "NEN_RELAY_HTTP__HEADER_READ_TIMEOUT_MS",
+        "10s",
+    )]));
+    assert!(
+        error.contains("NEN_RELAY_HTTP__HEADER_READ_TIMEOUT_MS"),
+        "{error}"
+    );
+    assert!(error.contains("milliseconds"), "{error}");
+}
+
+#[test]
+fn a_config_file_written_for_milliseconds_still_works() {
+    // The keys of config/default.toml before durations carried their unit.
+    let old = "[webhook]\nbody_timeout_ms = 21\nack_timeout_ms = 22\n\
+               [store]\nacquire_timeout_ms = 23\nstatement_timeout_ms = 24\n\
+               [http]\nheader_read_timeout_ms = 25\nshutdown_timeout_ms = 26\n\
+               [nen]\nconnect_timeout_ms = 27\ntimeout_ms = 28\n\
+               [trigger]\nidempotency_ttl_hours = 29\n";
+    let dir = config_dir_with(&[("default.toml", old)]);
+    let settings = Settings::from_sources(Environment::Local, dir.path(), &vars(&[])).unwrap();
+    let ms = Duration::from_millis;
+    assert_eq!(settings.webhook.body_timeout, ms(21));
+    assert_eq!(settings.webhook.ack_timeout, ms(22));
+    assert_eq!(settings.store.acquire_timeout, ms(23));
+    assert_eq!(settings.store.statement_timeout, ms(24));
+    assert_eq!(settings.http.header_read_timeout, ms(25));
+    assert_eq!(settings.http.shutdown_timeout, ms(26));
+    assert_eq!(settings.nen.connect_timeout, ms(27));
+    assert_eq!(settings.nen.timeout, ms(28));
+    assert_eq!(
+        settings.trigger.idempotency_ttl,
+        Duration::from_secs(29 * 3600)
+    );
+
+    // A later layer may use the other spelling: it wins like any later layer.
+    let settings = Settings::from_sources(
+        Environment::Local,
+        dir.path(),
+        &vars(&[("NEN_RELAY_HTTP__HEADER_READ_TIMEOUT", "7s")]),
+    )
+    .unwrap();
+    assert_eq!(settings.http.header_read_timeout, Duration::from_secs(7));
+}
+
+#[test]
+fn both_spellings_of_a_duration_are_an_error_naming_both() {
+    let error = error_text(local_with(&[
+        ("NEN_RELAY_HTTP__HEADER_READ_TIMEOUT_MS", "10000"),
+        ("NEN_RELAY_HTTP__HEADER_READ_TIMEOUT", "10s"),
+    ]));
+    assert!(
+        error.contains("NEN_RELAY_HTTP__HEADER_READ_TIMEOUT_MS"),
+        "{error}"
+    );
+    assert!(
+        error.contains("NEN_RELAY_HTTP__HEADER_READ_TIMEOUT and"),
+        "{error}"
+    );
+
+    let dir = config_dir_with(&[(
+        "default.toml",
+        "[store]\nstatement_timeout_ms = 1500\nstatement_timeout = \"2s\"\n",
+    )]);
+    let error = error_text(Settings::from_sources(
+        Environment::Local,
+        dir.path(),
+        &vars(&[]),
+    ));
+    assert!(error.contains("`store.statement_timeout_ms`"), "{error}");
+    assert!(error.contains("`store.statement_timeout`"), "{error}");
+}
+
+#[test]
+fn any_millisecond_key_maps_to_its_duration_key() {
+    // No setting named `http.idle_timeout` exists yet: the error shows that the variable was
+    // read as that duration, and names the variable as it was written.
+    let error = error_text(local_with(&[("NEN_RELAY_HTTP__IDLE_TIMEOUT_MS", "60000")]));
+    assert!(error.contains("NEN_RELAY_HTTP__IDLE_TIMEOUT_MS"), "{error}");
+    assert!(error.contains("`idle_timeout`"), "{error}");
+}
+
+#[test]
+fn every_documented_variable_sets_its_setting() {
+    let settings = production_with(&[
+        ("NEN_RELAY_BIND", "127.0.0.1:9100"),
+        ("DATABASE_URL", "postgres://relay@db.internal/relay"),
+        ("NEN_API_KEY", "nen-key"),
+        ("NEN_API_BASE_URL", "http://127.0.0.1:9200/api"),
+        ("NEN_SIGNING_KEY", "signing-key"),
+        ("NEN_RELAY_PUBLIC_URL", "https://relay.example.com"),
+        ("NEN_RELAY_LOG_FORMAT", "pretty"),
+    ])
+    .unwrap();
+    assert_eq!(settings.bind.to_string(), "127.0.0.1:9100");
+    assert_eq!(
+        settings.database_url.expose_secret(),
+        "postgres://relay@db.internal/relay"
+    );
+    assert_eq!(
+        secrets_as_strs(&settings.webhook_secrets).collect::<Vec<_>>(),
+        ["s"]
+    );
+    assert_eq!(
+        secrets_as_strs(&settings.api_tokens).collect::<Vec<_>>(),
+        ["t"]
+    );
+    assert_eq!(settings.nen.api_key.unwrap().expose_secret(), "nen-key");
+    assert_eq!(settings.nen.base_url.as_str(), "http://127.0.0.1:9200/api");
+    assert_eq!(
+        settings.nen.signing_key.unwrap().expose_secret(),
+        "signing-key"
+    );
+    assert_eq!(
+        settings.public_url.unwrap().as_str(),
+        "https://relay.example.com/"
+    );
+    assert_eq!(settings.log_format, LogFormat::Pretty);
+}
+
+#[test]
+fn every_tunable_has_a_variable() {
+    let settings = local_with(&[
+        ("NEN_RELAY_WEBHOOK__MAX_BODY_BYTES", "2048"),
+        ("NEN_RELAY_INGEST__WRITERS", "3"),
+        ("NEN_RELAY_INGEST__MAX_BATCH", "128"),
+        ("NEN_RELAY_INGEST__QUEUE_CAPACITY", "99"),
+        ("NEN_RELAY_STORE__MIGRATE_ON_START", "false"),
+        ("NEN_RELAY_HTTP__MAX_IN_FLIGHT", "7"),
+        ("NEN_RELAY_TRIGGER__STORE_WORKFLOW_PARAMS", "true"),
+        ("NEN_RELAY_NEN__BASE_URL", "https://nen.example.com"),
+    ])
+    .unwrap();
+    assert_eq!(settings.webhook.max_body_bytes, 2048);
+    let ingest = &settings.ingest;
+    assert_eq!(
+        (ingest.writers, ingest.max_batch, ingest.queue_capacity),
+        (3, 128, 99)
+    );
+    assert!(!settings.store.migrate_on_start);
+    assert_eq!(settings.http.max_in_flight, 7);
+    assert!(settings.trigger.store_workflow_params);
+    assert_eq!(settings.nen.base_url.as_str(), "https://nen.example.com/");
+}
+
+#[test]
+fn a_documented_variable_and_its_tunable_form_are_not_both_allowed() {
+    let error = error_text(local_with(&[
+        ("NEN_API_BASE_URL", "https://a.example.com"),
+        ("NEN_RELAY_NEN__BASE_URL", "https://b.example.com"),
+    ]));
+    assert!(error.contains("NEN_API_BASE_URL"), "{error}");
+    assert!(error.contains("NEN_RELAY_NEN__BASE_URL"), "{error}");
+}
+
+#[test]
+fn every_secret_can_come_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let database = file("database", "postgres://relay:pw@db/relay\n");
+    let secrets = file("secrets", "whsec-1,whsec-2\r\n");
+    let tokens = file("tokens", "token-1\n\n");
+    let api_key = file("api-key", "key-from-file");
+    let signing_key = file("signing-key", "signing-from-file\n");
+    let settings = Settings::from_sources(
+        Environment::Production,
+        &no_files(),
+        &vars(&[
+            ("DATABASE_URL_FILE", &database),
+            ("NEN_WEBHOOK_SECRETS_FILE", &secrets),
+            ("NEN_RELAY_API_TOKENS_FILE", &tokens),
+            ("NEN_API_KEY_FILE", &api_key),
+            ("NEN_SIGNING_KEY_FILE", &signing_key),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        settings.database_url.expose_secret(),
+        "postgres://relay:pw@db/relay"
+    );
+    assert_eq!(
+        secrets_as_strs(&settings.webhook_secrets).collect::<Vec<_>>(),
+        ["whsec-1", "whsec-2"]
+    );
+    assert_eq!(
+        secrets_as_strs(&settings.api_tokens).collect::<Vec<_>>(),
+        ["token-1"]
+    );
+    assert_eq!(
+        settings.nen.api_key.unwrap().expose_secret(),
+        "key-from-file"
+    );
+    assert_eq!(
+        settings.nen.signing_key.unwrap().expose_secret(),
+        "signing-from-file"
+    );
+
+    // The tunable form of a secret has a file form too.
+    let settings = local_with(&[("NEN_RELAY_NEN__SIGNING_KEY_FILE", &signing_key)]).unwrap();
+    assert_eq!(
+        settings.nen.signing_key.unwrap().expose_secret(),
+        "signing-from-file"
+    );
+
+    // Both forms: refused, naming both.
+    let error = error_text(production_with(&[
+        ("NEN_RELAY_API_TOKENS_FILE", &tokens),
+        ("NEN_RELAY_API_TOKENS", "t"),
+    ]));
+    assert!(
+        error.contains("NEN_RELAY_API_TOKENS and NEN_RELAY_API_TOKENS_FILE"),
+        "{error}"
+    );
+    let error = error_text(local_with(&[
+        ("NEN_RELAY_NEN__SIGNING_KEY_FILE", &signing_key),
+        ("NEN_SIGNING_KEY", "k"),
+    ]));
+    assert!(error.contains("NEN_SIGNING_KEY "), "{error}");
+    assert!(error.contains("NEN_RELAY_NEN__SIGNING_KEY_FILE"), "{error}");
+
+    // An unreadable file names the variable.
+    let error = error_text(local_with(&[("DATABASE_URL_FILE", "/nonexistent/url")]));
+    assert!(error.contains("DATABASE_URL_FILE"), "{error}");
+
+    // Only secrets are read from files.
+    let error = error_text(local_with(&[("NEN_RELAY_NEN__BASE_URL_FILE", &api_key)]));
+    assert!(error.contains("NEN_RELAY_NEN__BASE_URL_FILE"), "{error}");
+}
+
+#[test]
+fn unknown_keys_are_refused_and_named() {
+    for (variable, key) in [
+        ("NEN_RELAY_INGEST__MAX_BACH", "max_bach"),
+        ("NEN_RELAY_INGST__MAX_BATCH", "ingst"),
+        ("NEN_RELAY_NEN__API_KEY_FILE_PATH", "api_key_file_path"),
+    ] {
+        let error = error_text(local_with(&[(variable, "1")]));
+        assert!(error.contains(variable), "{error}");
+        assert!(error.contains(key), "{error}");
+    }
+    for (file, text, key) in [
+        ("default.toml", "colour = \"blue\"\n", "colour"),
+        (
+            "local.toml",
+            "[http]\nmax_inflight = 3\n",
+            "http.max_inflight",
+        ),
+        (
+            "default.toml",
+            "[retention]\npayloads = \"90d\"\n",
+            "retention",
+        ),
+    ] {
+        let dir = config_dir_with(&[(file, text)]);
+        let error = error_text(Settings::from_sources(
+            Environment::Local,
+            dir.path(),
+            &vars(&[]),
+        ));
+        assert!(error.contains(key), "{error}");
+        assert!(error.contains(file), "{error}");
+    }
+}
+
+#[test]
+fn variables_that_are_not_settings_are_left_alone() {
+    let settings = local_with(&[
+        ("NEN_RELAY_ENV", "local"),
+        ("NEN_RELAY_CONFIG_DIR", "/somewhere"),
+        ("NEN_RELAY_REQUIRE_POSTGRES", "1"),
+        (
+            "NEN_RELAY_TEST_POSTGRES_URL",
+            "postgres://postgres@127.0.0.1/postgres",
+        ),
+        ("PATH", "/usr/bin"),
+    ]);
+    assert!(settings.is_ok(), "{:?}", settings.err());
+}
+
+#[test]
+fn secrets_that_look_like_numbers_stay_text() {
+    let settings = production_with(&[
+        ("NEN_API_KEY", "0012"),
+        ("NEN_RELAY_NEN__SIGNING_KEY", "1e3"),
+        ("NEN_RELAY_API_TOKENS", "true"),
+    ])
+    .unwrap();
+    assert_eq!(settings.nen.api_key.unwrap().expose_secret(), "0012");
+    assert_eq!(settings.nen.signing_key.unwrap().expose_secret(), "1e3");
+    assert_eq!(
+        secrets_as_strs(&settings.api_tokens).collect::<Vec<_>>(),
+        ["true"]
+    );
+}
+
+#[test]
+fn lists_may_be_toml_arrays_or_comma_separated_text() {
+    for text in [
+        "webhook_secrets = [\"a\", \" b \"]\n",
+        "webhook_secrets = \"a, b\"\n",
+    ] {
+        let dir = config_dir_with(&[("local.toml", text)]);
+        let settings = Settings::from_sources(Environment::Local, dir.path(), &vars(&[])).unwrap();
+        assert_eq!(
+            secrets_as_strs(&settings.webhook_secrets).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert!(settings
+            .generated
+            .iter()
+            .all(|(name, _)| *name != "NEN_WEBHOOK_SECRETS"));
+    }
+}
+
+#[test]
+fn a_secret_that_does_not_fit_is_not_echoed() {
+    let dir = config_dir_with(&[(
+        "local.toml",
+        "api_tokens = [424242]\n[nen]\nsigning_key = 777777\n",
+    )]);
+    let error = error_text(Settings::from_sources(
+        Environment::Local,
+        dir.path(),
+        &vars(&[]),
+    ));
+    assert!(error.contains("api_tokens"), "{error}");
+    assert!(!error.contains("424242"), "{error}");
+    let dir = config_dir_with(&[("local.toml", "[nen]\nsigning_key = 777777\n")]);
+    let error = error_text(Settings::from_sources(
+        Environment::Local,
+        dir.path(),
+        &vars(&[]),
+    ));
+    assert!(error.contains("nen.signing_key"), "{error}");
+    assert!(!error.contains("777777"), "{error}");
+}
+
+#[test]
+fn bad_tunable_values_name_the_variable() {
+    for (variable, value) in [
+        ("NEN_RELAY_INGEST__MAX_BATCH", "lots"),
+        ("NEN_RELAY_STORE__MIGRATE_ON_START", "maybe"),
+        ("NEN_RELAY_LOG_FORMAT", "xml"),
+        ("NEN_RELAY_PUBLIC_URL", "relay.example.com"),
+        ("NEN_API_BASE_URL", "ftp://nen.example.com"),
+        ("NEN_RELAY_WEBHOOK__MAX_BODY_BYTES", "0"),
+    ] {
+        let error = error_text(local_with(&[(variable, value)]));
+        let key = variable
+            .trim_start_matches("NEN_RELAY_")
+            .to_ascii_lowercase()
+            .replace("__", ".");
+        assert!(
+            error.contains(variable) || error.contains(&key),
+            "{variable}: {error}"
+        );
+    }
+}
+
+#[test]
+fn zero_counts_and_ttl_read_as_the_smallest_useful_value() {
+    let settings = local_with(&[
+        ("NEN_RELAY_STORE__MAX_CONNECTIONS", "0"),
+        ("NEN_RELAY_HTTP__MAX_IN_FLIGHT", "0"),
+        ("NEN_RELAY_TRIGGER__IDEMPOTENCY_TTL_HOURS", "0"),
+    ])
+    .unwrap();
+    assert_eq!(settings.store.max_connections, 1);
+    assert_eq!(settings.http.max_in_flight, 1);
+    assert_eq!(settings.trigger.idempotency_ttl, Duration::from_secs(3600));
+}
+
+#[test]
+fn the_environment_file_of_the_folder_overrides_the_built_in_one() {
+    let dir = config_dir_with(&[
+        ("default.toml", "log_format = \"pretty\"\n"),
+        (
+            "production.toml",
+            "log_format = \"pretty\"\nbind = \"0.0.0.0:9000\"\n",
+        ),
+    ]);
+    let settings = Settings::from_sources(
+        Environment::Production,
+        dir.path(),
+        &vars(&[("NEN_WEBHOOK_SECRETS", "s"), ("NEN_RELAY_API_TOKENS", "t")]),
+    )
+    .unwrap();
+    assert_eq!(settings.log_format, LogFormat::Pretty);
+    assert_eq!(settings.bind.port(), 9000);
+    // The folder's default.toml sits above every built-in file, production's included.
+    let dir = config_dir_with(&[("default.toml", "log_format = \"pretty\"\n")]);
+    let settings = Settings::from_sources(
+        Environment::Production,
+        dir.path(),
+        &vars(&[("NEN_WEBHOOK_SECRETS", "s"), ("NEN_RELAY_API_TOKENS", "t")]),
+    )
+    .unwrap();
+    assert_eq!(settings.log_format, LogFormat::Pretty);
+}
+
+#[test]
+fn the_health_check_finds_the_bind_address_without_secrets() {
+    let production = bind_from_sources(Environment::Production, &no_files(), &vars(&[]));
+    assert_eq!(production.unwrap().to_string(), "0.0.0.0:8080");
+    let local = bind_from_sources(Environment::Local, &no_files(), &vars(&[]));
+    assert_eq!(local.unwrap().to_string(), "127.0.0.1:8080");
+    let dir = config_dir_with(&[("production.toml", "bind = \"0.0.0.0:9443\"\n")]);
+    let from_file = bind_from_sources(
+        Environment::Production,
+        dir.path(),
+        &vars(&[("NEN_RELAY_INGEST__NONSENSE", "x")]),
+    );
+    assert_eq!(from_file.unwrap().port(), 9443);
+    let from_variable = bind_from_sources(
+        Environment::Production,
+        dir.path(),
+        &vars(&[("NEN_RELAY_BIND", "127.0.0.1:7000")]),
+    );
+    assert_eq!(from_variable.unwrap().port(), 7000);
+}
