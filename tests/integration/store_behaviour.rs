@@ -331,6 +331,36 @@ async fn only_new_events_move_a_run_when_a_batch_mixes_in_repeats(db: TestDataba
     assert_eq!(events[0].last_received_at, at(4));
 }
 
+async fn fields_the_winner_lacks_come_from_the_first_new_event_in_its_batch(db: TestDatabase) {
+    let store = open(&db).await;
+    // Three new statuses in one batch, each further than the last; the winner carries neither
+    // workflow_id nor expiry, the two before it carry different ones.
+    let submitted = json!({
+        "message_id": "m-ranks", "status": "submitted",
+        "workflow_id": "w-first", "expires_at": 1_900_000_000
+    });
+    let processing = json!({
+        "message_id": "m-ranks", "status": "processing",
+        "workflow_id": "w-second", "expires_at": 1_900_000_001
+    });
+    let success = json!({"message_id": "m-ranks", "status": "success", "result": 1});
+    let outcomes = store
+        .record_deliveries(&[
+            delivery(&submitted.to_string(), 0),
+            delivery(&processing.to_string(), 1),
+            delivery(&success.to_string(), 2),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![NEW, NEW, NEW]);
+    let run = run(&store, "m-ranks").await;
+    assert_eq!(run.status, "success");
+    assert_eq!(run.workflow_id.as_deref(), Some("w-first"));
+    assert_eq!(run.expires_at, Utc.timestamp_opt(1_900_000_000, 0).single());
+    assert_eq!((run.created_at, run.updated_at), (at(0), at(2)));
+    assert_eq!(run.completed_at, Some(at(2)));
+}
+
 async fn a_late_processing_never_regresses_but_fills_gaps(db: TestDatabase) {
     let store = open(&db).await;
     // The terminal callback carries neither workflow_id nor expiry; the late processing does.
@@ -889,6 +919,7 @@ on_both_backends!(
     a_conflicting_terminal_is_flagged_and_never_wins,
     a_differing_duplicate_is_flagged_and_counted,
     only_new_events_move_a_run_when_a_batch_mixes_in_repeats,
+    fields_the_winner_lacks_come_from_the_first_new_event_in_its_batch,
     a_late_processing_never_regresses_but_fills_gaps,
     concurrent_batches_with_overlapping_keys_store_each_key_once,
     an_absurd_expiry_does_not_fail_its_batch,
