@@ -1,11 +1,20 @@
-//! Batch planning shared by both backends: which deliveries of a batch are repeats of each
-//! other, how a run moves when several of its statuses arrive together, and what each delivery
-//! is answered. The backends only run the statements; every decision is made here, once.
+//! Batch planning: which deliveries of a batch are repeats of each other, how a run moves when
+//! several of its statuses arrive together, and what each delivery is answered.
+//!
+//! Both stores group the batch and answer each delivery with this code. Two steps depend on
+//! what the database holds, and are made differently:
+//! - The SQLite store runs them here: [`BatchPlan::run_changes`] for the runs, and
+//!   [`BatchPlan::differing_copies`] for the copies of stored events.
+//! - The PostgreSQL store writes a whole batch with one statement (`postgres::RECORD_BATCH`), and
+//!   only that statement knows which events are new, so it implements the same two rules in SQL.
+//!   The behaviour suite and the property test in `tests/integration/store_behaviour.rs` keep
+//!   the two equal.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
+use super::forward_only::terminals_conflict;
 use super::model::{Delivery, DeliveryOutcome};
 use crate::runs::status::StatusRank;
 
@@ -81,6 +90,21 @@ impl<'a> BatchPlan<'a> {
             .count()
     }
 
+    /// Every delivery of a group, the first one included.
+    pub fn copies<'p>(&'p self, group: &'p Group) -> impl Iterator<Item = &'a Delivery> + 'p {
+        std::iter::once(&group.first)
+            .chain(&group.repeats)
+            .map(|&i| &self.deliveries[i])
+    }
+
+    /// How many deliveries of a group whose event was already stored have a body that differs
+    /// from the stored one (`stored_sha256`): every one of them counts as a copy of it.
+    pub fn differing_copies(&self, group: &Group, stored_sha256: &[u8]) -> usize {
+        self.copies(group)
+            .filter(|copy| copy.body_sha256.as_slice() != stored_sha256)
+            .count()
+    }
+
     /// The latest arrival among a group's deliveries.
     pub fn last_received_at(&self, group: &Group) -> DateTime<Utc> {
         group
@@ -152,10 +176,7 @@ impl<'a> BatchPlan<'a> {
             .filter_map(|(g, group)| {
                 let delivery = self.first(group);
                 let run_status = final_status.get(&delivery.message_id)?;
-                (delivery.rank().is_terminal()
-                    && StatusRank::of(run_status).is_terminal()
-                    && run_status != &delivery.status)
-                    .then_some(g)
+                terminals_conflict(&delivery.status, run_status).then_some(g)
             })
             .collect()
     }
