@@ -1,14 +1,30 @@
 //! Persistence behind one small domain trait, with a PostgreSQL and an embedded SQLite backend.
 //!
 //! Handlers and the ingest pipeline only see [`Store`] and the types in [`model`]; neither backend
-//! leaks `sqlx` types past this module. Both backends share the batch planning in [`plan`], so
-//! deduplication and forward-only status are decided by one piece of code.
+//! leaks `sqlx` types past this module.
+//!
+//! The two backends share decisions, never SQL. Each decision is written once, in Rust:
+//! - `plan`: which deliveries of a batch repeat each other, how a run moves when several of its
+//!   statuses arrive together, and what each delivery is answered;
+//! - `forward_only`: what a run becomes when callbacks move it or this service starts it, and
+//!   which terminal statuses conflict;
+//! - `claim`: what a claim of an `Idempotency-Key` answers, from what the store found;
+//! - `listing`: which listing statement a query needs, and the page its rows make;
+//! - `rows`: how a selected row becomes a [`Run`] or an [`Event`].
+//!
+//! Each backend writes its own SQL, whole, in its own file. The SQLite store runs every rule in
+//! Rust. The PostgreSQL store writes a batch with one statement, so that statement implements
+//! two of them in SQL (`BatchPlan::run_changes` and `RunState::advanced`), and says so; the
+//! shared behaviour suite, with a property test that feeds both stores the same random batches,
+//! keeps the two equal.
 
+mod claim;
 mod forward_only;
+mod listing;
 pub mod model;
-pub mod plan;
+mod plan;
 pub mod postgres;
-mod run_row;
+mod rows;
 pub mod sqlite;
 
 use std::sync::Arc;

@@ -147,21 +147,6 @@ pub struct RunPage {
     pub next: Option<RunCursor>,
 }
 
-impl RunPage {
-    /// A page from up to `limit + 1` runs fetched in listing order: the one past `limit` is
-    /// not shown, it only tells that more follow.
-    pub fn from_overfetch(mut runs: Vec<Run>, limit: u32) -> Self {
-        let more = runs.len() > limit as usize;
-        runs.truncate(limit as usize);
-        let next = if more {
-            runs.last().map(|run| RunCursor { seq: run.seq })
-        } else {
-            None
-        };
-        RunPage { runs, next }
-    }
-}
-
 /// A run this service started on Nen.
 #[derive(Debug, Clone)]
 pub struct TriggeredRun {

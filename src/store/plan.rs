@@ -1,11 +1,20 @@
-//! Batch planning shared by both backends: which deliveries of a batch are repeats of each
-//! other, how a run moves when several of its statuses arrive together, and what each delivery
-//! is answered. The backends only run the statements; every decision is made here, once.
+//! Batch planning: which deliveries of a batch are repeats of each other, how a run moves when
+//! several of its statuses arrive together, and what each delivery is answered.
+//!
+//! Both stores group the batch and answer each delivery with this code. Two steps depend on
+//! what the database holds, and are made differently:
+//! - The SQLite store runs them here: [`BatchPlan::run_changes`] for the runs, and
+//!   [`BatchPlan::differing_copies`] for the copies of stored events.
+//! - The PostgreSQL store writes a whole batch with one statement (`postgres::RECORD_BATCH`), and
+//!   only that statement knows which events are new, so it implements the same two rules in SQL.
+//!   The behaviour suite and the property test in `tests/integration/store_behaviour.rs` keep
+//!   the two equal.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
+use super::forward_only::terminals_conflict;
 use super::model::{Delivery, DeliveryOutcome};
 use crate::runs::status::StatusRank;
 
@@ -81,6 +90,21 @@ impl<'a> BatchPlan<'a> {
             .count()
     }
 
+    /// Every delivery of a group, the first one included.
+    pub fn copies<'p>(&'p self, group: &'p Group) -> impl Iterator<Item = &'a Delivery> + 'p {
+        std::iter::once(&group.first)
+            .chain(&group.repeats)
+            .map(|&i| &self.deliveries[i])
+    }
+
+    /// How many deliveries of a group whose event was already stored have a body that differs
+    /// from the stored one (`stored_sha256`): every one of them counts as a copy of it.
+    pub fn differing_copies(&self, group: &Group, stored_sha256: &[u8]) -> usize {
+        self.copies(group)
+            .filter(|copy| copy.body_sha256.as_slice() != stored_sha256)
+            .count()
+    }
+
     /// The latest arrival among a group's deliveries.
     pub fn last_received_at(&self, group: &Group) -> DateTime<Utc> {
         group
@@ -93,35 +117,47 @@ impl<'a> BatchPlan<'a> {
     /// One change per run that got at least one new event. `inserted[g]` says whether group `g`
     /// became a new event. Changes are sorted by `message_id`, so that concurrent writers lock
     /// runs in the same order.
+    ///
+    /// Among a run's new events, the furthest status wins, the first to arrive among equally far
+    /// ones, and brings its completion, result, assets and error. A workflow_id or expiry the
+    /// winner lacks comes from the first new event (in arrival order) that has one. The run spans
+    /// from the earliest to the latest arrival among them.
     pub fn run_changes(&self, inserted: &[bool]) -> Vec<RunChange> {
         let mut by_run: HashMap<&str, RunChange> = HashMap::new();
+        // Per run, the first workflow_id and expiry among its new events, in arrival order.
+        let mut first_known: HashMap<&str, FirstKnown> = HashMap::new();
         for (group, _) in self.groups.iter().zip(inserted).filter(|(_, &new)| new) {
             let delivery = self.first(group);
-            let rank = delivery.rank();
-            match by_run.get_mut(delivery.message_id.as_str()) {
+            let message_id = delivery.message_id.as_str();
+            let known = first_known.entry(message_id).or_default();
+            known.workflow_id = known.workflow_id.take().or(delivery.workflow_id.clone());
+            known.expires_at = known.expires_at.or(delivery.expires_at);
+            match by_run.get_mut(message_id) {
                 None => {
-                    by_run.insert(delivery.message_id.as_str(), change_from(delivery));
+                    by_run.insert(message_id, change_from(delivery));
                 }
                 Some(change) => {
-                    change.first_received_at = change.first_received_at.min(delivery.received_at);
-                    change.last_received_at = change.last_received_at.max(delivery.received_at);
-                    if rank > change.rank {
-                        // The further status wins; fields it lacks keep what earlier ones gave.
-                        let mut further = change_from(delivery);
-                        further.first_received_at = change.first_received_at;
-                        further.last_received_at = change.last_received_at;
-                        further.workflow_id = further.workflow_id.or(change.workflow_id.take());
-                        further.expires_at = further.expires_at.or(change.expires_at);
-                        *change = further;
-                    } else {
-                        change.workflow_id =
-                            change.workflow_id.take().or(delivery.workflow_id.clone());
-                        change.expires_at = change.expires_at.or(delivery.expires_at);
+                    let first_received_at = change.first_received_at.min(delivery.received_at);
+                    let last_received_at = change.last_received_at.max(delivery.received_at);
+                    if delivery.rank() > change.rank {
+                        *change = change_from(delivery);
                     }
+                    change.first_received_at = first_received_at;
+                    change.last_received_at = last_received_at;
                 }
             }
         }
-        let mut changes: Vec<RunChange> = by_run.into_values().collect();
+        let mut changes: Vec<RunChange> = by_run
+            .into_values()
+            .map(|mut change| {
+                let known = first_known
+                    .remove(change.message_id.as_str())
+                    .unwrap_or_default();
+                change.workflow_id = change.workflow_id.or(known.workflow_id);
+                change.expires_at = change.expires_at.or(known.expires_at);
+                change
+            })
+            .collect();
         changes.sort_by(|a, b| a.message_id.cmp(&b.message_id));
         changes
     }
@@ -140,10 +176,7 @@ impl<'a> BatchPlan<'a> {
             .filter_map(|(g, group)| {
                 let delivery = self.first(group);
                 let run_status = final_status.get(&delivery.message_id)?;
-                (delivery.rank().is_terminal()
-                    && StatusRank::of(run_status).is_terminal()
-                    && run_status != &delivery.status)
-                    .then_some(g)
+                terminals_conflict(&delivery.status, run_status).then_some(g)
             })
             .collect()
     }
@@ -176,6 +209,13 @@ impl<'a> BatchPlan<'a> {
         }
         outcomes
     }
+}
+
+/// The first workflow_id and expiry a run's new events carry.
+#[derive(Default)]
+struct FirstKnown {
+    workflow_id: Option<String>,
+    expires_at: Option<DateTime<Utc>>,
 }
 
 fn change_from(delivery: &Delivery) -> RunChange {
@@ -260,6 +300,31 @@ mod tests {
         assert_eq!(change.first_received_at, batch[0].received_at);
         assert_eq!(change.last_received_at, batch[1].received_at);
         assert_eq!(change.completed_at, Some(batch[0].received_at));
+    }
+
+    #[test]
+    fn fields_the_winner_lacks_come_from_the_first_new_event_that_has_them() {
+        let mut submitted = delivery("a", "submitted", "1", 0);
+        submitted.workflow_id = Some("first".into());
+        submitted.expires_at = Some(Utc.timestamp_opt(1_800_000_000, 0).unwrap());
+        let mut processing = delivery("a", "processing", "2", 1);
+        processing.workflow_id = Some("second".into());
+        processing.expires_at = Some(Utc.timestamp_opt(1_800_000_001, 0).unwrap());
+        let mut success = delivery("a", "success", "3", 2);
+        success.workflow_id = None;
+        let batch = [submitted, processing, success];
+        let plan = BatchPlan::new(&batch);
+        let change = &plan.run_changes(&[true, true, true])[0];
+        assert_eq!(change.status, "success");
+        assert_eq!(change.workflow_id.as_deref(), Some("first"));
+        assert_eq!(change.expires_at, batch[0].expires_at);
+
+        // The winner's own values come first.
+        let mut winner = batch.clone();
+        winner[2].workflow_id = Some("winner".into());
+        let plan = BatchPlan::new(&winner);
+        let change = &plan.run_changes(&[true, true, true])[0];
+        assert_eq!(change.workflow_id.as_deref(), Some("winner"));
     }
 
     #[test]

@@ -1,25 +1,25 @@
 //! The PostgreSQL store: the production backend, safe for several replicas on one database.
 //!
 //! A batch of deliveries is written by one statement (`unnest` of arrays, data-modifying CTEs),
-//! which is its own transaction: one round trip and one commit shared by the whole batch.
+//! which is its own transaction: one round trip and one commit shared by the whole batch. That
+//! statement, and the one that records a triggered run, implement in SQL the rules the SQLite
+//! store runs in Rust (`plan`, `forward_only`); each says which.
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde_json::value::RawValue;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::query::QueryAs;
 use sqlx::Postgres;
 
-use super::forward_only::run_conflict_clause;
+use super::claim::ExistingClaim;
+use super::listing::{Listing, ListingFilter};
 use super::model::*;
 use super::plan::BatchPlan;
-use super::run_row;
+use super::rows::{EventRow, RunRow};
 use super::{Store, StoreError, StoreOptions};
-use crate::runs::status::StatusRank;
 
 /// Deadlocks and serialization failures between concurrent writers are retried this often.
 const MAX_ATTEMPTS: usize = 3;
@@ -63,32 +63,31 @@ impl PostgresStore {
             })
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     async fn try_record(&self, plan: &BatchPlan<'_>) -> Result<Vec<DeliveryOutcome>, sqlx::Error> {
         let groups = GroupColumns::of(plan);
         let rows: Vec<BatchRow> = groups
-            .bind(sqlx::query_as(&RECORD_BATCH))
+            .bind(sqlx::query_as(RECORD_BATCH))
             .fetch_all(&self.pool)
             .await?;
         let index = group_index(plan);
         let mut inserted = vec![false; plan.groups.len()];
         let mut stored_sha256 = vec![None; plan.groups.len()];
         let mut final_status = HashMap::new();
-        for (message_id, status, new_event, hash) in rows {
-            match new_event {
+        for row in rows {
+            match row.inserted {
                 // A run row: the status the run settled on.
                 None => {
-                    final_status.insert(message_id, status);
+                    final_status.insert(row.message_id, row.status);
                 }
                 Some(new_event) => {
-                    let Some(&g) = index.get(&(message_id.as_str(), status.as_str())) else {
+                    let key = (row.message_id.as_str(), row.status.as_str());
+                    let Some(&g) = index.get(&key) else {
                         continue;
                     };
                     inserted[g] = new_event;
-                    stored_sha256[g] = hash.and_then(|hash| <[u8; 32]>::try_from(hash).ok());
+                    stored_sha256[g] = row
+                        .stored_body_sha256
+                        .and_then(|hash| <[u8; 32]>::try_from(hash).ok());
                 }
             }
         }
@@ -97,96 +96,150 @@ impl PostgresStore {
     }
 }
 
-/// A row of `RECORD_BATCH`: `(message_id, status, inserted, stored body_sha256)`.
-type BatchRow = (String, String, Option<bool>, Option<Vec<u8>>);
+/// A row of [`RECORD_BATCH`]: one per group of the batch, then one per run it moved.
+#[derive(sqlx::FromRow)]
+struct BatchRow {
+    message_id: String,
+    /// The group's status, or the status the run settled on.
+    status: String,
+    /// For a group: whether it became a new event. Null for a run.
+    inserted: Option<bool>,
+    /// For a group whose event was already stored: that event's body hash.
+    stored_body_sha256: Option<Vec<u8>>,
+}
 
-/// A whole batch in one statement, so one round trip and one implicit transaction:
+/// A whole batch in one statement, so one round trip and one implicit transaction. `batch` has
+/// one row per group of deliveries with the same `(message_id, status)`, in key order
+/// ([`GroupColumns`]).
 ///
-/// 1. `ev`: each group's first delivery becomes an event, or, when `(message_id, status)` is
-///    already stored (committed earlier, or just now by another writer: `on conflict` waits for
-///    it and sees it), every copy is added to that event's counters. `xmax = 0` tells the rows
-///    this statement inserted from those it updated.
-/// 2. `fresh`, `best`, `span`: the runs that got a new event, and how each moves. This is
-///    `BatchPlan::run_changes` (which the SQLite store uses) in SQL, because which events are
-///    new is only known inside the statement: the furthest new status wins, the first to arrive
-///    among equally far ones; the run keeps the earliest and latest arrival, and a workflow_id or
-///    expiry the winner lacks comes from the first new event that has one.
-///    `span` is materialized: inlined into the join, its aggregate ran again for every run,
-///    which made a batch cost quadratic in its size.
-/// 3. `moved`: each of those runs is created or moved forward (`forward_only`).
+/// 1. `recorded_events`: each group's first delivery becomes an event, or, when
+///    `(message_id, status)` is already stored (committed earlier, or just now by another
+///    writer: `on conflict` waits for it and sees it), every copy is added to that event's
+///    counters, and those whose body differs from the stored one to `differing_duplicates`
+///    (`BatchPlan::differing_copies` in SQL). `xmax = 0` tells the rows this statement inserted
+///    from those it updated.
+/// 2. `new_events`, `furthest_new_events`, `new_event_spans`: the runs that got a new event, and
+///    how each moves: `BatchPlan::run_changes` in SQL, because which events are new is only
+///    known inside the statement. The furthest new status wins, the first to arrive among
+///    equally far ones; the run spans from the earliest to the latest arrival, and a workflow_id
+///    or expiry the winner lacks comes from the first new event that has one.
+///    `new_event_spans` is materialized: inlined into the join, its aggregate ran again for
+///    every run, which made a batch cost quadratic in its size.
+/// 3. `moved_runs`: each of those runs is created or moved forward: `RunState::advanced` in
+///    SQL, as the `on conflict` clause. `status_rank` 2 is terminal (see the migration).
 ///
-/// Every group and every moved run comes back as a row: `(message_id, status, inserted,
-/// stored body_sha256)` for groups, `(message_id, final status, null, null)` for runs.
-/// Rows are written in key order, so that concurrent writers lock them in one order.
-static RECORD_BATCH: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "with input (m, s, g, k, rcv, lst, payload, sha, key_id, reps, diff, copies, \
-                     w, x, res, a, er) as ( \
-             select * from unnest($1::text[], $2::text[], $3::int4[], $4::int2[], \
-                                  $5::timestamptz[], $6::timestamptz[], $7::text[], $8::bytea[], \
-                                  $9::text[], $10::int8[], $11::int8[], $12::bytea[], \
-                                  $13::text[], $14::timestamptz[], $15::text[], $16::text[], \
-                                  $17::text[])), \
-         ev as ( \
-             insert into events as e (message_id, status, received_at, last_received_at, \
-                                      payload, body_sha256, key_id, duplicates, \
-                                      differing_duplicates) \
-             select m, s, rcv, lst, payload, sha, key_id, reps, diff from input order by m, s \
-             on conflict (message_id, status) do update set \
-                 duplicates = e.duplicates + excluded.duplicates + 1, \
-                 differing_duplicates = e.differing_duplicates + ( \
-                     select count(*) from input i, \
-                            generate_series(0, length(i.copies) / 32 - 1) as n \
-                     where i.m = excluded.message_id and i.s = excluded.status \
-                       and substring(i.copies from n * 32 + 1 for 32) <> e.body_sha256), \
-                 last_received_at = greatest(e.last_received_at, excluded.last_received_at) \
-             returning e.message_id, e.status, e.xmax = 0 as inserted, e.body_sha256), \
-         fresh as ( \
-             select i.* from input i join ev on ev.message_id = i.m and ev.status = i.s \
-             where ev.inserted), \
-         best as (select distinct on (m) * from fresh order by m, k desc, g), \
-         span as materialized ( \
-             select m, min(rcv) as first_at, max(rcv) as last_at, \
-                    (array_agg(w order by g) filter (where w is not null))[1] as some_w, \
-                    (array_agg(x order by g) filter (where x is not null))[1] as some_x \
-             from fresh group by m), \
-         moved as ( \
-             insert into runs as r (message_id, workflow_id, status, status_rank, created_at, \
-                                    updated_at, completed_at, expires_at, result, assets_url, \
-                                    error) \
-             select b.m, coalesce(b.w, span.some_w), b.s, b.k, span.first_at, span.last_at, \
-                    case when b.k = {terminal} then b.rcv end, coalesce(b.x, span.some_x), \
-                    b.res::jsonb, b.a, b.er \
-             from best b join span using (m) order by b.m \
-             {conflict} \
-             returning r.message_id, r.status) \
-         select message_id, status, inserted, \
-                case when inserted then null else body_sha256 end from ev \
-         union all select message_id, status, null, null from moved",
-        terminal = StatusRank::Terminal.as_i16(),
-        conflict = run_conflict_clause("greatest"),
-    )
-});
+/// Every group comes back as `(message_id, status, inserted, stored_body_sha256)`, and every
+/// moved run as `(message_id, its final status, null, null)`. Rows are written in key order, so
+/// that concurrent writers lock them in one order.
+const RECORD_BATCH: &str = "\
+with batch (message_id, status, arrival, status_rank, received_at, last_received_at, payload,
+            body_sha256, key_id, repeats, differing_repeats, copy_hashes,
+            workflow_id, expires_at, result, assets_url, error) as (
+    select * from unnest($1::text[], $2::text[], $3::int4[], $4::int2[],
+                         $5::timestamptz[], $6::timestamptz[], $7::text[], $8::bytea[],
+                         $9::text[], $10::int8[], $11::int8[], $12::bytea[],
+                         $13::text[], $14::timestamptz[], $15::text[], $16::text[], $17::text[])),
+recorded_events as (
+    insert into events (message_id, status, received_at, last_received_at, payload,
+                        body_sha256, key_id, duplicates, differing_duplicates)
+    select message_id, status, received_at, last_received_at, payload,
+           body_sha256, key_id, repeats, differing_repeats
+    from batch
+    order by message_id, status
+    on conflict (message_id, status) do update set
+        duplicates = events.duplicates + excluded.duplicates + 1,
+        differing_duplicates = events.differing_duplicates + (
+            select count(*)
+            from batch as same_key,
+                 generate_series(0, length(same_key.copy_hashes) / 32 - 1) as copy_number
+            where same_key.message_id = excluded.message_id
+              and same_key.status = excluded.status
+              and substring(same_key.copy_hashes from copy_number * 32 + 1 for 32)
+                  <> events.body_sha256),
+        last_received_at = greatest(events.last_received_at, excluded.last_received_at)
+    returning message_id, status, xmax = 0 as inserted, body_sha256),
+new_events as (
+    select batch.*
+    from batch
+    join recorded_events on recorded_events.message_id = batch.message_id
+                        and recorded_events.status = batch.status
+    where recorded_events.inserted),
+furthest_new_events as (
+    select distinct on (message_id) *
+    from new_events
+    order by message_id, status_rank desc, arrival),
+new_event_spans as materialized (
+    select message_id,
+           min(received_at) as first_received_at,
+           max(received_at) as last_received_at,
+           (array_agg(workflow_id order by arrival)
+               filter (where workflow_id is not null))[1] as first_workflow_id,
+           (array_agg(expires_at order by arrival)
+               filter (where expires_at is not null))[1] as first_expires_at
+    from new_events
+    group by message_id),
+moved_runs as (
+    insert into runs (message_id, workflow_id, status, status_rank, created_at, updated_at,
+                      completed_at, expires_at, result, assets_url, error)
+    select furthest.message_id,
+           coalesce(furthest.workflow_id, span.first_workflow_id),
+           furthest.status,
+           furthest.status_rank,
+           span.first_received_at,
+           span.last_received_at,
+           case when furthest.status_rank = 2 then furthest.received_at end,
+           coalesce(furthest.expires_at, span.first_expires_at),
+           furthest.result::jsonb,
+           furthest.assets_url,
+           furthest.error
+    from furthest_new_events as furthest
+    join new_event_spans as span using (message_id)
+    order by furthest.message_id
+    on conflict (message_id) do update set
+        status = case when excluded.status_rank > runs.status_rank
+                      then excluded.status else runs.status end,
+        status_rank = greatest(runs.status_rank, excluded.status_rank),
+        workflow_id = coalesce(runs.workflow_id, excluded.workflow_id),
+        updated_at = greatest(runs.updated_at, excluded.updated_at),
+        completed_at = case when excluded.status_rank > runs.status_rank
+                            then excluded.completed_at else runs.completed_at end,
+        expires_at = case when excluded.status_rank > runs.status_rank
+                          then coalesce(excluded.expires_at, runs.expires_at)
+                          else coalesce(runs.expires_at, excluded.expires_at) end,
+        result = case when excluded.status_rank > runs.status_rank
+                      then excluded.result else runs.result end,
+        assets_url = case when excluded.status_rank > runs.status_rank
+                          then excluded.assets_url else runs.assets_url end,
+        error = case when excluded.status_rank > runs.status_rank
+                     then excluded.error else runs.error end
+    returning message_id, status)
+select message_id, status, inserted,
+       case when inserted then null else body_sha256 end as stored_body_sha256
+from recorded_events
+union all
+select message_id, status, null, null
+from moved_runs";
 
-/// The groups of a batch, column by column in key order, as `RECORD_BATCH` binds them.
+/// The groups of a batch, column by column in key order, as [`RECORD_BATCH`] binds them.
 struct GroupColumns<'a> {
-    ids: Vec<&'a str>,
+    message_ids: Vec<&'a str>,
     statuses: Vec<&'a str>,
-    arrival: Vec<i32>,
-    ranks: Vec<i16>,
-    received: Vec<DateTime<Utc>>,
-    last: Vec<DateTime<Utc>>,
+    /// The group's position in the batch: arrival order, which `key order` hides.
+    arrivals: Vec<i32>,
+    status_ranks: Vec<i16>,
+    received_at: Vec<DateTime<Utc>>,
+    last_received_at: Vec<DateTime<Utc>>,
     payloads: Vec<&'a str>,
-    hashes: Vec<&'a [u8]>,
-    keys: Vec<&'a str>,
+    body_sha256s: Vec<&'a [u8]>,
+    key_ids: Vec<&'a str>,
     repeats: Vec<i64>,
-    differing: Vec<i64>,
+    differing_repeats: Vec<i64>,
     /// Every copy's body hash (the first delivery's, then its repeats'), 32 bytes each.
-    copies: Vec<Vec<u8>>,
-    workflows: Vec<Option<&'a str>>,
-    expires: Vec<Option<DateTime<Utc>>>,
+    copy_hashes: Vec<Vec<u8>>,
+    workflow_ids: Vec<Option<&'a str>>,
+    expires_at: Vec<Option<DateTime<Utc>>>,
     results: Vec<Option<&'a str>>,
-    assets: Vec<Option<&'a str>>,
+    assets_urls: Vec<Option<&'a str>>,
     errors: Vec<Option<&'a str>>,
 }
 
@@ -201,27 +254,28 @@ impl<'a> GroupColumns<'a> {
         for g in order {
             let group = &plan.groups[g];
             let first = plan.first(group);
-            columns.ids.push(&first.message_id);
+            columns.message_ids.push(&first.message_id);
             columns.statuses.push(&first.status);
-            columns.arrival.push(i32::try_from(g).unwrap_or(i32::MAX));
-            columns.ranks.push(first.rank().as_i16());
-            columns.received.push(first.received_at);
-            columns.last.push(plan.last_received_at(group));
+            columns.arrivals.push(i32::try_from(g).unwrap_or(i32::MAX));
+            columns.status_ranks.push(first.rank().as_i16());
+            columns.received_at.push(first.received_at);
+            columns.last_received_at.push(plan.last_received_at(group));
             columns.payloads.push(first.body_text());
-            columns.hashes.push(&first.body_sha256);
-            columns.keys.push(&first.key_id);
+            columns.body_sha256s.push(&first.body_sha256);
+            columns.key_ids.push(&first.key_id);
             columns.repeats.push(group.repeats.len() as i64);
-            columns.differing.push(plan.differing_repeats(group) as i64);
-            columns.copies.push(
-                std::iter::once(&group.first)
-                    .chain(&group.repeats)
-                    .flat_map(|&i| plan.deliveries[i].body_sha256)
+            columns
+                .differing_repeats
+                .push(plan.differing_repeats(group) as i64);
+            columns.copy_hashes.push(
+                plan.copies(group)
+                    .flat_map(|copy| copy.body_sha256)
                     .collect(),
             );
-            columns.workflows.push(first.workflow_id.as_deref());
-            columns.expires.push(first.expires_at);
+            columns.workflow_ids.push(first.workflow_id.as_deref());
+            columns.expires_at.push(first.expires_at);
             columns.results.push(first.result.as_deref());
-            columns.assets.push(first.assets_url.as_deref());
+            columns.assets_urls.push(first.assets_url.as_deref());
             columns.errors.push(first.error.as_deref());
         }
         columns
@@ -229,22 +283,22 @@ impl<'a> GroupColumns<'a> {
 
     fn with_capacity(size: usize) -> Self {
         GroupColumns {
-            ids: Vec::with_capacity(size),
+            message_ids: Vec::with_capacity(size),
             statuses: Vec::with_capacity(size),
-            arrival: Vec::with_capacity(size),
-            ranks: Vec::with_capacity(size),
-            received: Vec::with_capacity(size),
-            last: Vec::with_capacity(size),
+            arrivals: Vec::with_capacity(size),
+            status_ranks: Vec::with_capacity(size),
+            received_at: Vec::with_capacity(size),
+            last_received_at: Vec::with_capacity(size),
             payloads: Vec::with_capacity(size),
-            hashes: Vec::with_capacity(size),
-            keys: Vec::with_capacity(size),
+            body_sha256s: Vec::with_capacity(size),
+            key_ids: Vec::with_capacity(size),
             repeats: Vec::with_capacity(size),
-            differing: Vec::with_capacity(size),
-            copies: Vec::with_capacity(size),
-            workflows: Vec::with_capacity(size),
-            expires: Vec::with_capacity(size),
+            differing_repeats: Vec::with_capacity(size),
+            copy_hashes: Vec::with_capacity(size),
+            workflow_ids: Vec::with_capacity(size),
+            expires_at: Vec::with_capacity(size),
             results: Vec::with_capacity(size),
-            assets: Vec::with_capacity(size),
+            assets_urls: Vec::with_capacity(size),
             errors: Vec::with_capacity(size),
         }
     }
@@ -254,22 +308,22 @@ impl<'a> GroupColumns<'a> {
         query: QueryAs<'q, Postgres, O, PgArguments>,
     ) -> QueryAs<'q, Postgres, O, PgArguments> {
         query
-            .bind(&self.ids)
+            .bind(&self.message_ids)
             .bind(&self.statuses)
-            .bind(&self.arrival)
-            .bind(&self.ranks)
-            .bind(&self.received)
-            .bind(&self.last)
+            .bind(&self.arrivals)
+            .bind(&self.status_ranks)
+            .bind(&self.received_at)
+            .bind(&self.last_received_at)
             .bind(&self.payloads)
-            .bind(&self.hashes)
-            .bind(&self.keys)
+            .bind(&self.body_sha256s)
+            .bind(&self.key_ids)
             .bind(&self.repeats)
-            .bind(&self.differing)
-            .bind(&self.copies)
-            .bind(&self.workflows)
-            .bind(&self.expires)
+            .bind(&self.differing_repeats)
+            .bind(&self.copy_hashes)
+            .bind(&self.workflow_ids)
+            .bind(&self.expires_at)
             .bind(&self.results)
-            .bind(&self.assets)
+            .bind(&self.assets_urls)
             .bind(&self.errors)
     }
 }
@@ -290,31 +344,85 @@ fn is_retryable(error: &sqlx::Error) -> bool {
         if matches!(db.code().as_deref(), Some("40P01") | Some("40001")))
 }
 
-static RUN_COLUMNS: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "message_id, workflow_id, status, created_at, updated_at, completed_at, expires_at, \
-         result::text, assets_url, error, triggered_here, {}, workflow_params::text, seq",
-        run_row::CONFLICTING_TERMINALS
-    )
-});
+/// Records a run started here: `RunState::triggered` in SQL. A callback may have created the run
+/// already; then it is only marked as ours, and its status never changes.
+const RECORD_TRIGGERED_RUN: &str = "\
+insert into runs (message_id, workflow_id, status, status_rank, created_at, updated_at,
+                  triggered_here, workflow_params)
+values ($1, $2, 'submitted', 0, $3, $3, true, $4::jsonb)
+on conflict (message_id) do update set
+    triggered_here = true,
+    workflow_id = coalesce(runs.workflow_id, excluded.workflow_id),
+    workflow_params = coalesce(excluded.workflow_params, runs.workflow_params),
+    created_at = least(runs.created_at, excluded.created_at)";
 
-static GET_RUN: LazyLock<String> =
-    LazyLock::new(|| format!("select {} from runs where message_id = $1", *RUN_COLUMNS));
-
-static LIST_EVENTS: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "select status, received_at, duplicates, differing_duplicates, {}, key_id, \
-                    last_received_at, payload \
-             from events where message_id = $1 order by received_at, id",
-        run_row::CONFLICTING_TERMINAL
-    )
-});
-
-type RunRow = run_row::RunRow<DateTime<Utc>>;
-
-fn run_from_row(row: RunRow) -> Result<Run, StoreError> {
-    run_row::run_from_row(row, Ok)
+/// The columns of a [`RunRow`], selected from `runs`. `conflicting_terminals` follows
+/// `forward_only::terminals_conflict`: the run is terminal, and one of its events has another
+/// terminal status.
+macro_rules! run_columns {
+    () => {
+        "message_id, workflow_id, status, created_at, updated_at, completed_at, expires_at,
+         result::text as result, assets_url, error, triggered_here,
+         (status_rank = 2 and exists (
+             select 1 from events
+             where events.message_id = runs.message_id
+               and events.status <> runs.status
+               and events.status not in ('submitted', 'processing'))) as conflicting_terminals,
+         workflow_params::text as workflow_params, seq"
+    };
 }
+
+const GET_RUN: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs where message_id = $1"
+);
+
+// The listing statements, one per filter (see `listing`). Each walks an index backwards.
+const LIST_RUNS: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs
+      where seq < $1
+      order by seq desc limit $2"
+);
+const LIST_RUNS_OF_WORKFLOW: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs
+      where workflow_id = $1 and seq < $2
+      order by seq desc limit $3"
+);
+const LIST_RUNS_WITH_STATUS: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs
+      where status = $1 and seq < $2
+      order by seq desc limit $3"
+);
+const LIST_RUNS_OF_WORKFLOW_WITH_STATUS: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs
+      where workflow_id = $1 and status = $2 and seq < $3
+      order by seq desc limit $4"
+);
+
+/// A run's events in arrival order, which is `received_at`: ids follow insertion, and a batch
+/// inserts its events in key order (to take locks in one order), not in the order they arrived.
+/// `conflicting_terminal` follows `forward_only::terminals_conflict`: a terminal event whose run
+/// settled on another terminal status.
+const LIST_EVENTS: &str = "\
+select status, received_at, duplicates, differing_duplicates,
+       (status not in ('submitted', 'processing') and exists (
+           select 1 from runs
+           where runs.message_id = events.message_id
+             and runs.status_rank = 2
+             and runs.status <> events.status)) as conflicting_terminal,
+       key_id, last_received_at, payload
+from events
+where message_id = $1
+order by received_at, id";
 
 #[async_trait]
 impl Store for PostgresStore {
@@ -350,106 +458,55 @@ impl Store for PostgresStore {
     }
 
     async fn get_run(&self, message_id: &str) -> Result<Option<Run>, StoreError> {
-        let row: Option<RunRow> = sqlx::query_as(&GET_RUN)
+        let row: Option<RunRow<DateTime<Utc>>> = sqlx::query_as(GET_RUN)
             .bind(message_id)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(run_from_row).transpose()
+        row.map(|row| row.into_run(Ok)).transpose()
     }
 
     async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
-        let sql = format!(
-            "select {} from runs{}",
-            *RUN_COLUMNS,
-            run_row::listing_clauses(query, true)
-        );
-        let mut statement = sqlx::query_as::<_, RunRow>(&sql);
-        if let Some(workflow_id) = &query.workflow_id {
-            statement = statement.bind(workflow_id);
-        }
-        if let Some(status) = &query.status {
-            statement = statement.bind(status);
-        }
-        if let Some(after) = query.after {
-            statement = statement.bind(after.seq);
-        }
-        let limit = query.limit.max(1);
-        let rows = statement
-            .bind(i64::from(limit) + 1)
+        let listing = Listing::of(query);
+        let statement = match listing.filter {
+            ListingFilter::All => sqlx::query_as(LIST_RUNS),
+            ListingFilter::Workflow(workflow_id) => {
+                sqlx::query_as(LIST_RUNS_OF_WORKFLOW).bind(workflow_id)
+            }
+            ListingFilter::Status(status) => sqlx::query_as(LIST_RUNS_WITH_STATUS).bind(status),
+            ListingFilter::WorkflowAndStatus(workflow_id, status) => {
+                sqlx::query_as(LIST_RUNS_OF_WORKFLOW_WITH_STATUS)
+                    .bind(workflow_id)
+                    .bind(status)
+            }
+        };
+        let rows: Vec<RunRow<DateTime<Utc>>> = statement
+            .bind(listing.before_seq)
+            .bind(listing.fetch)
             .fetch_all(&self.pool)
             .await?;
         let runs = rows
             .into_iter()
-            .map(run_from_row)
+            .map(|row| row.into_run(Ok))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(RunPage::from_overfetch(runs, limit))
+        Ok(listing.page(runs))
     }
 
     async fn list_events(&self, message_id: &str) -> Result<Vec<Event>, StoreError> {
-        type EventRow = (
-            String,
-            DateTime<Utc>,
-            i64,
-            i64,
-            bool,
-            String,
-            DateTime<Utc>,
-            String,
-        );
-        // Arrival order is `received_at`: ids follow insertion, and a batch inserts its events
-        // in key order (to take locks in one order), not in the order they arrived.
-        let rows: Vec<EventRow> = sqlx::query_as(&LIST_EVENTS)
+        let rows: Vec<EventRow<DateTime<Utc>>> = sqlx::query_as(LIST_EVENTS)
             .bind(message_id)
             .fetch_all(&self.pool)
             .await?;
-        rows.into_iter()
-            .map(
-                |(
-                    status,
-                    received_at,
-                    duplicates,
-                    differing,
-                    conflicting,
-                    key_id,
-                    last,
-                    payload,
-                )| {
-                    Ok(Event {
-                        status,
-                        received_at,
-                        duplicates,
-                        differing_duplicates: differing,
-                        conflicting_terminal: conflicting,
-                        key_id,
-                        last_received_at: last,
-                        payload: RawValue::from_string(payload).map_err(|error| {
-                            StoreError::Internal(format!("stored payload does not parse: {error}"))
-                        })?,
-                    })
-                },
-            )
-            .collect()
+        rows.into_iter().map(|row| row.into_event(Ok)).collect()
     }
 
     async fn record_triggered_run(&self, run: &TriggeredRun) -> Result<(), StoreError> {
-        // A callback may have created the run already (Nen can call back before its 202
-        // reaches us): then only mark it as ours, never touch its status.
-        sqlx::query(
-            "insert into runs as r (message_id, workflow_id, status, status_rank, created_at, \
-                                    updated_at, triggered_here, workflow_params) \
-             values ($1, $2, 'submitted', 0, $3, $3, true, $4::jsonb) \
-             on conflict (message_id) do update set \
-                 triggered_here = true, \
-                 workflow_id = coalesce(r.workflow_id, excluded.workflow_id), \
-                 workflow_params = coalesce(excluded.workflow_params, r.workflow_params), \
-                 created_at = least(r.created_at, excluded.created_at)",
-        )
-        .bind(&run.message_id)
-        .bind(&run.workflow_id)
-        .bind(run.created_at)
-        .bind(run.workflow_params.as_deref())
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(RECORD_TRIGGERED_RUN)
+            .bind(&run.message_id)
+            .bind(&run.workflow_id)
+            .bind(run.created_at)
+            .bind(run.workflow_params.as_deref())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -464,8 +521,8 @@ impl Store for PostgresStore {
             .execute(&mut *tx)
             .await?;
         // Waits for a concurrent claim of the same key to commit, then does nothing: exactly
-        // one request across every replica gets `Claimed`.
-        let claimed = sqlx::query(
+        // one request across every replica inserts the key.
+        let inserted = sqlx::query(
             "insert into idempotency_keys (key, request_sha256, created_at, expires_at) \
              values ($1, $2, $3, $4) on conflict (key) do nothing",
         )
@@ -477,29 +534,28 @@ impl Store for PostgresStore {
         .await?
         .rows_affected()
             == 1;
-        let outcome = if claimed {
-            ClaimOutcome::Claimed
+        let existing = if inserted {
+            None
         } else {
-            let (hash, status, body): (Vec<u8>, Option<i16>, Option<String>) = sqlx::query_as(
+            let (request_sha256, response_status, response_body): (
+                Vec<u8>,
+                Option<i16>,
+                Option<String>,
+            ) = sqlx::query_as(
                 "select request_sha256, response_status, response_body \
                  from idempotency_keys where key = $1",
             )
             .bind(&claim.key)
             .fetch_one(&mut *tx)
             .await?;
-            if hash.as_slice() != claim.request_sha256.as_slice() {
-                ClaimOutcome::Conflict
-            } else if let (Some(status), Some(body)) = (status, body) {
-                ClaimOutcome::Completed(StoredResponse {
-                    status: status as u16,
-                    body,
-                })
-            } else {
-                ClaimOutcome::InProgress
-            }
+            Some(ExistingClaim {
+                request_sha256,
+                response_status: response_status.map(i64::from),
+                response_body,
+            })
         };
         tx.commit().await?;
-        Ok(outcome)
+        ClaimOutcome::from_existing(existing, &claim.request_sha256)
     }
 
     async fn complete_idempotency_key(

@@ -4,24 +4,27 @@
 //! fail with "database is locked", every write goes through a pool of exactly one connection, in
 //! `begin immediate` transactions: writers queue in the pool and take turns. Reads have a pool of
 //! their own; in WAL mode they never wait for the writer, and see only committed batches.
+//!
+//! Because nothing else writes while a transaction holds the lock, this store reads what it needs
+//! and decides in Rust (`plan`, `forward_only`); its statements only store the result.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
-use serde_json::value::RawValue;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
 
-use super::forward_only::run_conflict_clause;
+use super::claim::ExistingClaim;
+use super::forward_only::RunState;
+use super::listing::{Listing, ListingFilter};
 use super::model::*;
 use super::plan::BatchPlan;
-use super::run_row;
+use super::rows::{EventRow, RunRow};
 use super::{Store, StoreError, StoreOptions};
 
 pub struct SqliteStore {
@@ -95,18 +98,6 @@ impl SqliteStore {
         Ok(plan.outcomes(&inserted, &stored_sha256, &conflicting))
     }
 }
-
-/// Creates or moves forward one run (see `forward_only`); returns its final status.
-static APPLY_RUN_CHANGE: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "insert into runs as r (message_id, workflow_id, status, status_rank, created_at, \
-                                updated_at, completed_at, expires_at, result, assets_url, error) \
-         values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-         {} \
-         returning message_id, status",
-        run_conflict_clause("max")
-    )
-});
 
 fn create_parent_directory(file: &Path) -> Result<(), StoreError> {
     match file.parent() {
@@ -182,21 +173,13 @@ async fn count_duplicates(
             continue;
         }
         let first = plan.first(group);
-        let (id, hash): (i64, Vec<u8>) = sqlx::query_as(
+        let (id, stored_sha256): (i64, Vec<u8>) = sqlx::query_as(
             "select id, body_sha256 from events where message_id = ? and status = ?",
         )
         .bind(&first.message_id)
         .bind(&first.status)
         .fetch_one(&mut *connection)
         .await?;
-        let copies: Vec<&Delivery> = std::iter::once(&group.first)
-            .chain(&group.repeats)
-            .map(|&i| &plan.deliveries[i])
-            .collect();
-        let differing = copies
-            .iter()
-            .filter(|copy| copy.body_sha256.as_slice() != hash.as_slice())
-            .count();
         sqlx::query(
             "update events \
              set duplicates = duplicates + ?, \
@@ -204,13 +187,13 @@ async fn count_duplicates(
                  last_received_at = max(last_received_at, ?) \
              where id = ?",
         )
-        .bind(copies.len() as i64)
-        .bind(differing as i64)
+        .bind(plan.copies(group).count() as i64)
+        .bind(plan.differing_copies(group, &stored_sha256) as i64)
         .bind(time_text(plan.last_received_at(group)))
         .bind(id)
         .execute(&mut *connection)
         .await?;
-        stored[g] = <[u8; 32]>::try_from(hash.as_slice()).ok();
+        stored[g] = <[u8; 32]>::try_from(stored_sha256.as_slice()).ok();
     }
     Ok(stored)
 }
@@ -221,69 +204,198 @@ async fn apply_run_changes(
     plan: &BatchPlan<'_>,
     inserted: &[bool],
 ) -> Result<HashMap<String, String>, sqlx::Error> {
-    let mut final_status = HashMap::new();
-    for change in plan.run_changes(inserted) {
-        let (message_id, status): (String, String) = sqlx::query_as(&APPLY_RUN_CHANGE)
-            .bind(&change.message_id)
-            .bind(&change.workflow_id)
-            .bind(&change.status)
-            .bind(change.rank.as_i16())
-            .bind(time_text(change.first_received_at))
-            .bind(time_text(change.last_received_at))
-            .bind(change.completed_at.map(time_text))
-            .bind(change.expires_at.map(time_text))
-            .bind(&change.result)
-            .bind(&change.assets_url)
-            .bind(&change.error)
-            .fetch_one(&mut *connection)
-            .await?;
-        final_status.insert(message_id, status);
+    let changes = plan.run_changes(inserted);
+    let mut stored = read_runs(
+        &mut *connection,
+        changes.iter().map(|change| change.message_id.as_str()),
+    )
+    .await?;
+    let mut final_status = HashMap::with_capacity(changes.len());
+    for change in &changes {
+        let run = RunState::advanced(stored.remove(&change.message_id), change);
+        write_run(&mut *connection, &change.message_id, &run).await?;
+        final_status.insert(change.message_id.clone(), run.status);
     }
     Ok(final_status)
 }
 
-static RUN_COLUMNS: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "message_id, workflow_id, status, created_at, updated_at, completed_at, expires_at, \
-         result, assets_url, error, triggered_here, {}, workflow_params, seq",
-        run_row::CONFLICTING_TERMINALS
+/// The stored state of the runs named, by message_id (one statement for a whole batch).
+async fn read_runs<'a>(
+    connection: &mut SqliteConnection,
+    message_ids: impl Iterator<Item = &'a str>,
+) -> Result<HashMap<String, RunState>, sqlx::Error> {
+    let message_ids = serde_json::to_string(&message_ids.collect::<Vec<_>>())
+        .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+    let rows: Vec<RunStateRow> = sqlx::query_as(
+        "select message_id, workflow_id, status, created_at, updated_at, completed_at, \
+                expires_at, result, assets_url, error, triggered_here, workflow_params \
+         from runs \
+         where message_id in (select value from json_each(?))",
     )
-});
-
-static GET_RUN: LazyLock<String> =
-    LazyLock::new(|| format!("select {} from runs where message_id = ?", *RUN_COLUMNS));
-
-static LIST_EVENTS: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "select status, received_at, duplicates, differing_duplicates, {}, key_id, \
-                    last_received_at, payload \
-             from events where message_id = ? order by received_at, id",
-        run_row::CONFLICTING_TERMINAL
-    )
-});
-
-type RunRow = run_row::RunRow<String>;
-
-fn run_from_row(row: RunRow) -> Result<Run, StoreError> {
-    run_row::run_from_row(row, |text| time_from_text(&text))
+    .bind(message_ids)
+    .fetch_all(&mut *connection)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            let message_id = row.message_id.clone();
+            let state = row
+                .into_state()
+                .map_err(|error| sqlx::Error::Decode(Box::new(error)))?;
+            Ok((message_id, state))
+        })
+        .collect()
 }
 
-type EventRow = (String, String, i64, i64, bool, String, String, String);
+/// Stores a run as [`RunState`] decided it, creating it if it is new. Only called inside a
+/// write transaction that read the run first, so no other writer can come in between: nothing
+/// is left to decide here.
+async fn write_run(
+    connection: &mut SqliteConnection,
+    message_id: &str,
+    run: &RunState,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into runs (message_id, workflow_id, status, status_rank, created_at, \
+                           updated_at, completed_at, expires_at, result, assets_url, error, \
+                           triggered_here, workflow_params) \
+         values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         on conflict (message_id) do update set \
+             workflow_id = excluded.workflow_id, \
+             status = excluded.status, \
+             status_rank = excluded.status_rank, \
+             created_at = excluded.created_at, \
+             updated_at = excluded.updated_at, \
+             completed_at = excluded.completed_at, \
+             expires_at = excluded.expires_at, \
+             result = excluded.result, \
+             assets_url = excluded.assets_url, \
+             error = excluded.error, \
+             triggered_here = excluded.triggered_here, \
+             workflow_params = excluded.workflow_params",
+    )
+    .bind(message_id)
+    .bind(&run.workflow_id)
+    .bind(&run.status)
+    .bind(run.rank().as_i16())
+    .bind(time_text(run.created_at))
+    .bind(time_text(run.updated_at))
+    .bind(run.completed_at.map(time_text))
+    .bind(run.expires_at.map(time_text))
+    .bind(&run.result)
+    .bind(&run.assets_url)
+    .bind(&run.error)
+    .bind(run.triggered_here)
+    .bind(&run.workflow_params)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
 
-fn event_from_row(row: EventRow) -> Result<Event, StoreError> {
-    let (status, received_at, duplicates, differing, conflicting, key_id, last, payload) = row;
-    Ok(Event {
-        status,
-        received_at: time_from_text(&received_at)?,
-        duplicates,
-        differing_duplicates: differing,
-        conflicting_terminal: conflicting,
-        key_id,
-        last_received_at: time_from_text(&last)?,
-        payload: RawValue::from_string(payload).map_err(|error| {
-            StoreError::Internal(format!("stored payload does not parse: {error}"))
-        })?,
-    })
+/// A run as `read_runs` selects it.
+#[derive(sqlx::FromRow)]
+struct RunStateRow {
+    message_id: String,
+    workflow_id: Option<String>,
+    status: String,
+    created_at: String,
+    updated_at: String,
+    completed_at: Option<String>,
+    expires_at: Option<String>,
+    result: Option<String>,
+    assets_url: Option<String>,
+    error: Option<String>,
+    triggered_here: bool,
+    workflow_params: Option<String>,
+}
+
+impl RunStateRow {
+    fn into_state(self) -> Result<RunState, StoreError> {
+        Ok(RunState {
+            workflow_id: self.workflow_id,
+            status: self.status,
+            created_at: time_from_text(&self.created_at)?,
+            updated_at: time_from_text(&self.updated_at)?,
+            completed_at: self
+                .completed_at
+                .as_deref()
+                .map(time_from_text)
+                .transpose()?,
+            expires_at: self.expires_at.as_deref().map(time_from_text).transpose()?,
+            result: self.result,
+            assets_url: self.assets_url,
+            error: self.error,
+            triggered_here: self.triggered_here,
+            workflow_params: self.workflow_params,
+        })
+    }
+}
+
+/// The columns of a [`RunRow`], selected from `runs`. `conflicting_terminals` follows
+/// `forward_only::terminals_conflict`: the run is terminal, and one of its events has another
+/// terminal status.
+macro_rules! run_columns {
+    () => {
+        "message_id, workflow_id, status, created_at, updated_at, completed_at, expires_at,
+         result, assets_url, error, triggered_here,
+         (status_rank = 2 and exists (
+             select 1 from events
+             where events.message_id = runs.message_id
+               and events.status <> runs.status
+               and events.status not in ('submitted', 'processing'))) as conflicting_terminals,
+         workflow_params, seq"
+    };
+}
+
+const GET_RUN: &str = concat!("select ", run_columns!(), " from runs where message_id = ?");
+
+// The listing statements, one per filter (see `listing`). Each walks an index backwards.
+const LIST_RUNS: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs
+      where seq < ?
+      order by seq desc limit ?"
+);
+const LIST_RUNS_OF_WORKFLOW: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs
+      where workflow_id = ? and seq < ?
+      order by seq desc limit ?"
+);
+const LIST_RUNS_WITH_STATUS: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs
+      where status = ? and seq < ?
+      order by seq desc limit ?"
+);
+const LIST_RUNS_OF_WORKFLOW_WITH_STATUS: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs
+      where workflow_id = ? and status = ? and seq < ?
+      order by seq desc limit ?"
+);
+
+/// A run's events in arrival order, which is `received_at`, as on PostgreSQL: ids follow
+/// insertion, and with several ingest writers a later delivery may be committed first.
+/// `conflicting_terminal` follows `forward_only::terminals_conflict`: a terminal event whose run
+/// settled on another terminal status.
+const LIST_EVENTS: &str = "\
+select status, received_at, duplicates, differing_duplicates,
+       (status not in ('submitted', 'processing') and exists (
+           select 1 from runs
+           where runs.message_id = events.message_id
+             and runs.status_rank = 2
+             and runs.status <> events.status)) as conflicting_terminal,
+       key_id, last_received_at, payload
+from events
+where message_id = ?
+order by received_at, id";
+
+fn run_from_row(row: RunRow<String>) -> Result<Run, StoreError> {
+    row.into_run(|text| time_from_text(&text))
 }
 
 #[async_trait]
@@ -316,7 +428,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_run(&self, message_id: &str) -> Result<Option<Run>, StoreError> {
-        let row: Option<RunRow> = sqlx::query_as(&GET_RUN)
+        let row: Option<RunRow<String>> = sqlx::query_as(GET_RUN)
             .bind(message_id)
             .fetch_optional(&self.readers)
             .await?;
@@ -324,62 +436,47 @@ impl Store for SqliteStore {
     }
 
     async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
-        let sql = format!(
-            "select {} from runs{}",
-            *RUN_COLUMNS,
-            run_row::listing_clauses(query, false)
-        );
-        let mut statement = sqlx::query_as::<_, RunRow>(&sql);
-        if let Some(workflow_id) = &query.workflow_id {
-            statement = statement.bind(workflow_id);
-        }
-        if let Some(status) = &query.status {
-            statement = statement.bind(status);
-        }
-        if let Some(after) = query.after {
-            statement = statement.bind(after.seq);
-        }
-        let limit = query.limit.max(1);
-        let rows = statement
-            .bind(i64::from(limit) + 1)
+        let listing = Listing::of(query);
+        let statement = match listing.filter {
+            ListingFilter::All => sqlx::query_as(LIST_RUNS),
+            ListingFilter::Workflow(workflow_id) => {
+                sqlx::query_as(LIST_RUNS_OF_WORKFLOW).bind(workflow_id)
+            }
+            ListingFilter::Status(status) => sqlx::query_as(LIST_RUNS_WITH_STATUS).bind(status),
+            ListingFilter::WorkflowAndStatus(workflow_id, status) => {
+                sqlx::query_as(LIST_RUNS_OF_WORKFLOW_WITH_STATUS)
+                    .bind(workflow_id)
+                    .bind(status)
+            }
+        };
+        let rows: Vec<RunRow<String>> = statement
+            .bind(listing.before_seq)
+            .bind(listing.fetch)
             .fetch_all(&self.readers)
             .await?;
         let runs = rows
             .into_iter()
             .map(run_from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(RunPage::from_overfetch(runs, limit))
+        Ok(listing.page(runs))
     }
 
     async fn list_events(&self, message_id: &str) -> Result<Vec<Event>, StoreError> {
-        // Arrival order is `received_at`, as on PostgreSQL: ids follow insertion, and with
-        // several ingest writers a later delivery may be committed first.
-        let rows: Vec<EventRow> = sqlx::query_as(&LIST_EVENTS)
+        let rows: Vec<EventRow<String>> = sqlx::query_as(LIST_EVENTS)
             .bind(message_id)
             .fetch_all(&self.readers)
             .await?;
-        rows.into_iter().map(event_from_row).collect()
+        rows.into_iter()
+            .map(|row| row.into_event(|text| time_from_text(&text)))
+            .collect()
     }
 
     async fn record_triggered_run(&self, run: &TriggeredRun) -> Result<(), StoreError> {
-        // A callback may have created the run already (Nen can call back before its 202
-        // reaches us): then only mark it as ours, never touch its status.
-        sqlx::query(
-            "insert into runs as r (message_id, workflow_id, status, status_rank, created_at, \
-                                    updated_at, triggered_here, workflow_params) \
-             values (?1, ?2, 'submitted', 0, ?3, ?3, 1, ?4) \
-             on conflict (message_id) do update set \
-                 triggered_here = 1, \
-                 workflow_id = coalesce(r.workflow_id, excluded.workflow_id), \
-                 workflow_params = coalesce(excluded.workflow_params, r.workflow_params), \
-                 created_at = min(r.created_at, excluded.created_at)",
-        )
-        .bind(&run.message_id)
-        .bind(&run.workflow_id)
-        .bind(time_text(run.created_at))
-        .bind(run.workflow_params.as_deref())
-        .execute(&self.writer)
-        .await?;
+        let mut tx = self.writer.begin_with("begin immediate").await?;
+        let mut stored = read_runs(&mut tx, std::iter::once(run.message_id.as_str())).await?;
+        let state = RunState::triggered(stored.remove(&run.message_id), run);
+        write_run(&mut tx, &run.message_id, &state).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -395,7 +492,7 @@ impl Store for SqliteStore {
             .bind(time_text(claim.now))
             .execute(&mut *tx)
             .await?;
-        let claimed = sqlx::query(
+        let inserted = sqlx::query(
             "insert into idempotency_keys (key, request_sha256, created_at, expires_at) \
              values (?, ?, ?, ?) on conflict (key) do nothing",
         )
@@ -407,31 +504,28 @@ impl Store for SqliteStore {
         .await?
         .rows_affected()
             == 1;
-        let outcome = if claimed {
-            ClaimOutcome::Claimed
+        let existing = if inserted {
+            None
         } else {
-            let (hash, status, body): (Vec<u8>, Option<i64>, Option<String>) = sqlx::query_as(
+            let (request_sha256, response_status, response_body): (
+                Vec<u8>,
+                Option<i64>,
+                Option<String>,
+            ) = sqlx::query_as(
                 "select request_sha256, response_status, response_body \
                  from idempotency_keys where key = ?",
             )
             .bind(&claim.key)
             .fetch_one(&mut *tx)
             .await?;
-            if hash.as_slice() != claim.request_sha256.as_slice() {
-                ClaimOutcome::Conflict
-            } else if let (Some(status), Some(body)) = (status, body) {
-                ClaimOutcome::Completed(StoredResponse {
-                    status: u16::try_from(status).map_err(|_| {
-                        StoreError::Internal(format!("stored response status {status} is invalid"))
-                    })?,
-                    body,
-                })
-            } else {
-                ClaimOutcome::InProgress
-            }
+            Some(ExistingClaim {
+                request_sha256,
+                response_status,
+                response_body,
+            })
         };
         tx.commit().await?;
-        Ok(outcome)
+        ClaimOutcome::from_existing(existing, &claim.request_sha256)
     }
 
     async fn complete_idempotency_key(
