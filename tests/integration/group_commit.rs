@@ -136,6 +136,7 @@ async fn record_in_one_batch(
     failure: Option<StoreError>,
     bodies: &[String],
 ) -> Vec<Result<DeliveryOutcome, IngestError>> {
+    let batches_fail = failure.is_some();
     let (gated, first_batch_entered) = GatedStore::new(Some(store), failure);
     let settings = IngestSettings {
         writers: 1,
@@ -164,7 +165,11 @@ async fn record_in_one_batch(
         assert!(futures::poll!(future).is_pending());
     }
     gated.open();
-    let _ = holder.await;
+    assert_eq!(
+        holder.await.is_ok(),
+        !batches_fail,
+        "the holder's own delivery"
+    );
     let mut results = Vec::with_capacity(queued.len());
     for future in queued {
         results.push(future.await);

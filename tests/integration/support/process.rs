@@ -20,17 +20,18 @@ use super::backends::TestDatabase;
 /// Bounds a start that hangs; a normal start takes well under a second.
 const START_GUARD: Duration = Duration::from_secs(60);
 
-/// A running `nen-relay serve` with one unique secret and token.
+/// A running `nen-relay serve` with one unique secret and token. Dropping it kills the process
+/// (first: fields drop in order), then removes its database.
 pub struct RelayProcess {
+    child: Child,
+    pid: Pid,
+    /// Every line the process wrote, stdout (its JSON log) and stderr alike.
+    output: Arc<Mutex<Vec<String>>>,
     pub address: String,
     pub client: reqwest::Client,
     pub secret: String,
     pub token: String,
     pub db: TestDatabase,
-    child: Child,
-    pid: Pid,
-    /// Every line the process wrote, stdout (its JSON log) and stderr alike.
-    output: Arc<Mutex<Vec<String>>>,
 }
 
 impl RelayProcess {
@@ -94,14 +95,14 @@ impl RelayProcess {
             ),
         };
         RelayProcess {
+            child,
+            pid,
+            output,
             address: format!("http://{address}"),
             client: reqwest::Client::new(),
             secret,
             token,
             db,
-            child,
-            pid,
-            output,
         }
     }
 
