@@ -35,11 +35,13 @@ mod tests {
         let text = |name: &str| fixture[name].as_str().unwrap().to_owned();
         let body = text("body");
         let timestamp = text("x_timestamp");
+        let canonical = canonical_request(&timestamp, body.as_bytes());
+        // Its last line is the body's hash, which the fixture also gives on its own.
         assert_eq!(
-            canonical_request(&timestamp, body.as_bytes()),
-            text("canonical_request")
+            canonical.rsplit('\n').next(),
+            Some(text("body_hash").as_str())
         );
-        assert!(text("canonical_request").ends_with(&text("body_hash")));
+        assert_eq!(canonical, text("canonical_request"));
         assert_eq!(
             signature(text("signing_key").as_bytes(), &timestamp, body.as_bytes()),
             text("x_signature")

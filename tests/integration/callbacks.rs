@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::on_both_backends;
 use crate::support::app::{callback, error_code};
-use crate::support::{TestApp, TestDatabase};
+use crate::support::{stored, TestApp, TestDatabase};
 
 fn fixture() -> Value {
     let text = include_str!("../fixtures/callback-signatures.json");
@@ -96,17 +96,24 @@ async fn checks_run_in_spec_order(db: TestDatabase) {
         .deliver_with(b"not json", Some(&app.signature(b"other")))
         .await;
     assert_eq!(error_code(response).await, "invalid_signature");
-    // 3. Signed but not a callback: 400, and the body is kept for inspection.
-    for body in [
+    // 3. Signed but not a callback: 400, and the body is kept for inspection (none of the
+    // refused ones above is).
+    let not_callbacks = [
         "not json",
         "[1,2]",
         r#"{"message_id":5,"status":"x"}"#,
         r#"{"message_id":"m"}"#,
-    ] {
+    ];
+    for body in not_callbacks {
         let response = app.deliver(body).await;
         assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{body}");
         assert_eq!(error_code(response).await, "invalid_payload");
     }
+    let kept: Vec<Vec<u8>> = not_callbacks
+        .iter()
+        .map(|body| body.as_bytes().to_vec())
+        .collect();
+    assert_eq!(stored::rejected_bodies(&app.db).await, kept);
     // 5. A valid one.
     let ack = app
         .deliver_ok(&callback("m-order", "processing", json!({})))
@@ -120,7 +127,8 @@ async fn checks_run_in_spec_order(db: TestDatabase) {
 async fn a_second_secret_is_accepted_for_rotation(db: TestDatabase) {
     let app = TestApp::spawn(db).await;
     let body = callback("m-rotated", "processing", json!({}));
-    let signature = nen_relay::callbacks::signature::sign(app.secrets[1].as_bytes(), body.as_bytes());
+    let signature =
+        nen_relay::callbacks::signature::sign(app.secrets[1].as_bytes(), body.as_bytes());
     let response = app.deliver_with(body.as_bytes(), Some(&signature)).await;
     assert_eq!(response.status(), StatusCode::OK);
     let events = app.events("m-rotated").await;

@@ -10,9 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::Utc;
-use nen_relay::config::IngestSettings;
 use nen_relay::callbacks::ingest::{Ingest, IngestError};
 use nen_relay::callbacks::payload::parse_callback;
+use nen_relay::config::IngestSettings;
 use nen_relay::store::{
     self, ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,
     RunPage, RunQuery, Store, StoreError, StoredResponse, TriggeredRun,
@@ -20,9 +20,9 @@ use nen_relay::store::{
 use reqwest::StatusCode;
 use tokio::sync::{oneshot, Semaphore};
 
+use crate::on_both_backends;
 use crate::support::app::{callback, error_code};
-use crate::support::backends::fresh_database;
-use crate::support::{Backend, TestApp, TestDatabase};
+use crate::support::{TestApp, TestDatabase};
 
 /// Passes every call to `inner`, except that the first batch waits for `open`, and that
 /// `fail_batches` makes every batch fail the way an unreachable database does.
@@ -136,6 +136,7 @@ async fn record_in_one_batch(
     failure: Option<StoreError>,
     bodies: &[String],
 ) -> Vec<Result<DeliveryOutcome, IngestError>> {
+    let batches_fail = failure.is_some();
     let (gated, first_batch_entered) = GatedStore::new(Some(store), failure);
     let settings = IngestSettings {
         writers: 1,
@@ -164,7 +165,11 @@ async fn record_in_one_batch(
         assert!(futures::poll!(future).is_pending());
     }
     gated.open();
-    let _ = holder.await;
+    assert_eq!(
+        holder.await.is_ok(),
+        !batches_fail,
+        "the holder's own delivery"
+    );
     let mut results = Vec::with_capacity(queued.len());
     for future in queued {
         results.push(future.await);
@@ -179,24 +184,19 @@ async fn record_in_one_batch(
     results
 }
 
-async fn postgres_store() -> Option<(TestDatabase, Arc<dyn Store>)> {
-    let db = fresh_database(Backend::Postgres).await?;
+async fn open(db: &TestDatabase) -> Arc<dyn Store> {
     let options = store::StoreOptions::default();
-    let store = store::connect(&db.url.clone().into(), &options, true)
+    store::connect(&db.url.clone().into(), &options, true)
         .await
-        .expect("the test database opens and migrates");
-    Some((db, store))
+        .expect("the test database opens and migrates")
 }
 
 fn outcome(result: &Result<DeliveryOutcome, IngestError>) -> DeliveryOutcome {
     *result.as_ref().expect("recorded")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_identical_copies_in_one_batch_make_one_event_and_one_duplicate() {
-    let Some((_db, store)) = postgres_store().await else {
-        return;
-    };
+async fn two_identical_copies_in_one_batch_make_one_event_and_one_duplicate(db: TestDatabase) {
+    let store = open(&db).await;
     let id = unique("twin");
     let body = callback(&id, "processing", serde_json::json!({}));
     let results = record_in_one_batch(store.clone(), None, &[body.clone(), body]).await;
@@ -209,11 +209,8 @@ async fn two_identical_copies_in_one_batch_make_one_event_and_one_duplicate() {
     assert_eq!(events[0].differing_duplicates, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn processing_and_success_in_one_batch_leave_the_run_at_success() {
-    let Some((_db, store)) = postgres_store().await else {
-        return;
-    };
+async fn processing_and_success_in_one_batch_leave_the_run_at_success(db: TestDatabase) {
+    let store = open(&db).await;
     let id = unique("pair");
     // Arrival order reversed on purpose: the terminal status wins either way.
     let bodies = [
@@ -239,11 +236,8 @@ async fn processing_and_success_in_one_batch_leave_the_run_at_success() {
     assert_eq!(store.list_events(&id).await.unwrap().len(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_differing_copy_and_a_conflicting_terminal_in_one_batch_are_flagged() {
-    let Some((_db, store)) = postgres_store().await else {
-        return;
-    };
+async fn a_differing_copy_and_a_conflicting_terminal_in_one_batch_are_flagged(db: TestDatabase) {
+    let store = open(&db).await;
     let id = unique("conflict");
     let bodies = [
         callback(&id, "success", serde_json::json!({"result": {"n": 1}})),
@@ -271,11 +265,10 @@ async fn a_differing_copy_and_a_conflicting_terminal_in_one_batch_are_flagged() 
         .any(|e| e.status == "failed" && e.conflicting_terminal));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_batch_answers_every_waiting_delivery_with_an_error_and_stores_nothing() {
-    let Some((_db, store)) = postgres_store().await else {
-        return;
-    };
+async fn a_failed_batch_answers_every_waiting_delivery_with_an_error_and_stores_nothing(
+    db: TestDatabase,
+) {
+    let store = open(&db).await;
     let ids: Vec<String> = (0..5).map(|_| unique("lost")).collect();
     let bodies: Vec<String> = ids
         .iter()
@@ -294,16 +287,11 @@ async fn a_failed_batch_answers_every_waiting_delivery_with_an_error_and_stores_
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_the_store_fails_every_callback_is_answered_503_and_none_acknowledged() {
-    let Some(db) = fresh_database(Backend::Postgres).await else {
-        return;
-    };
+async fn when_the_store_fails_every_callback_is_answered_503_and_none_acknowledged(
+    db: TestDatabase,
+) {
     // The app's own store is replaced by one that is down; a second connection reads the truth.
-    let options = store::StoreOptions::default();
-    let real = store::connect(&db.url.clone().into(), &options, true)
-        .await
-        .unwrap();
+    let real = open(&db).await;
     let (down, _) = GatedStore::new(
         Some(real.clone()),
         Some(StoreError::Unavailable("down".into())),
@@ -326,11 +314,10 @@ async fn when_the_store_fails_every_callback_is_answered_503_and_none_acknowledg
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_repeat_of_a_stored_event_and_a_new_status_in_one_batch_are_both_applied() {
-    let Some((_db, store)) = postgres_store().await else {
-        return;
-    };
+async fn a_repeat_of_a_stored_event_and_a_new_status_in_one_batch_are_both_applied(
+    db: TestDatabase,
+) {
+    let store = open(&db).await;
     let id = unique("mixed");
     let processing = callback(&id, "processing", serde_json::json!({}));
     store
@@ -353,3 +340,12 @@ async fn a_repeat_of_a_stored_event_and_a_new_status_in_one_batch_are_both_appli
     assert_eq!(stored.duplicates, 2);
     assert_eq!(events.len(), 2);
 }
+
+on_both_backends!(
+    two_identical_copies_in_one_batch_make_one_event_and_one_duplicate,
+    processing_and_success_in_one_batch_leave_the_run_at_success,
+    a_differing_copy_and_a_conflicting_terminal_in_one_batch_are_flagged,
+    a_failed_batch_answers_every_waiting_delivery_with_an_error_and_stores_nothing,
+    when_the_store_fails_every_callback_is_answered_503_and_none_acknowledged,
+    a_repeat_of_a_stored_event_and_a_new_status_in_one_batch_are_both_applied,
+);

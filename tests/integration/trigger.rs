@@ -15,6 +15,8 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::on_both_backends;
 use crate::support::app::error_code;
+use crate::support::metrics::sample;
+use crate::support::process::RelayProcess;
 use crate::support::{logs, Backend, TestApp, TestDatabase};
 
 const PUBLIC_URL: &str = "http://relay.example.test";
@@ -242,14 +244,18 @@ async fn nen_refusals_are_passed_on_with_nens_answer(db: TestDatabase) {
     );
 }
 
+/// On a process of its own, so that the counts of failed attempts are this test's alone.
 async fn nen_failures_are_502_and_504_and_never_retried(db: TestDatabase) {
     let keys = NenKeys::new();
     let nen = MockServer::start().await;
-    let app = TestApp::spawn_with(db, |vars| {
-        nen_variables(vars, &nen.uri(), &keys);
-        vars.insert("NEN_RELAY_NEN__TIMEOUT_MS".into(), "300".into());
-    })
-    .await;
+    let mut variables = BTreeMap::new();
+    nen_variables(&mut variables, &nen.uri(), &keys);
+    variables.insert("NEN_RELAY_NEN__TIMEOUT_MS".into(), "300".into());
+    let variables: Vec<(&str, String)> = variables
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.clone()))
+        .collect();
+    let app = RelayProcess::start(db, &variables).await;
 
     let (failing, slow, no_message_id) = (workflow_id(), workflow_id(), workflow_id());
     let cases = [
@@ -279,34 +285,33 @@ async fn nen_failures_are_502_and_504_and_never_retried(db: TestDatabase) {
             .expect(1)
             .mount(&nen)
             .await;
-        let response = trigger(
-            &app,
-            &json!({"workflow_id": workflow, "workflow_params": {}}),
-            None,
-        )
-        .await;
+        let response = app
+            .client
+            .post(app.url("/v1/runs"))
+            .bearer_auth(&app.token)
+            .json(&json!({"workflow_id": workflow, "workflow_params": {}}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), status, "{code}");
         assert_eq!(error_code(response).await, code);
         assert_eq!(requests_for(&nen, workflow).await.len(), 1, "never retried");
     }
-    assert_eq!(listed_runs(&app).await, Vec::<Value>::new());
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    for outcome in ["nen_unavailable", "nen_timeout"] {
-        assert!(
-            metrics.contains(&format!(
-                "nen_relay_triggers_total{{outcome=\"{outcome}\"}}"
-            )),
+    assert_eq!(app.get_json("/v1/runs").await["runs"], json!([]));
+    let page = app.metrics().await;
+    for (outcome, count) in [("nen_unavailable", 2.0), ("nen_timeout", 1.0)] {
+        assert_eq!(
+            sample(&page, "nen_relay_triggers_total", &[("outcome", outcome)]),
+            Some(count),
             "failed attempts are counted: {outcome}"
         );
     }
+    let accepted = sample(
+        &page,
+        "nen_relay_triggers_total",
+        &[("outcome", "accepted")],
+    );
+    assert_eq!(accepted, None, "no attempt was accepted");
 }
 
 async fn a_refused_connection_is_502(db: TestDatabase) {
@@ -425,9 +430,7 @@ async fn missing_configuration_is_named(db: TestDatabase) {
     assert!(body["message"].as_str().unwrap().contains("NEN_API_KEY"));
     app.shutdown().await;
 
-    let db = crate::support::backends::fresh_database(backend)
-        .await
-        .expect("the first database opened, so a second one does");
+    let db = crate::support::backends::fresh_database(backend).await;
     let app = TestApp::spawn_with(db, |vars| {
         vars.insert("NEN_API_BASE_URL".into(), nen.uri());
         vars.insert("NEN_API_KEY".into(), "key".into());
@@ -676,9 +679,7 @@ async fn secure_params_are_signed_and_kept_nowhere(db: TestDatabase) {
         .mount(&nen)
         .await;
     let echo_app = TestApp::spawn_with(
-        crate::support::backends::fresh_database(app.db.backend)
-            .await
-            .unwrap(),
+        crate::support::backends::fresh_database(app.db.backend).await,
         |vars| nen_variables(vars, &nen.uri(), &keys),
     )
     .await;
@@ -719,7 +720,9 @@ async fn secure_params_are_signed_and_kept_nowhere(db: TestDatabase) {
     }
 }
 
-async fn the_fake_refuses_unsigned_secure_params_like_nen(_db: TestDatabase) {
+/// The fake alone, no relay: one run, under no backend's name.
+#[tokio::test]
+async fn the_fake_refuses_unsigned_secure_params_like_nen() {
     let fake = FakeNen::start("127.0.0.1:0".parse().unwrap(), FakeNenOptions::default())
         .await
         .unwrap();
@@ -820,5 +823,4 @@ on_both_backends!(
     a_repeated_idempotency_key_replays_the_first_answer,
     ten_simultaneous_requests_with_one_key_call_nen_once,
     secure_params_are_signed_and_kept_nowhere,
-    the_fake_refuses_unsigned_secure_params_like_nen,
 );

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use nen_relay::app::Application;
-use nen_relay::config::{Environment, Settings};
 use nen_relay::callbacks::signature::sign;
+use nen_relay::config::{Environment, Settings};
 use nen_relay::store::{self, Store};
 use reqwest::{Response, StatusCode};
 use serde_json::Value;

@@ -1,11 +1,14 @@
-//! What the integration tests share: fresh databases, a running app, captured logs.
-
-// Each area's tests use a different subset of these helpers.
-#![allow(dead_code, unused_imports)]
+//! What the integration tests share: fresh databases, the app in process or as a child process,
+//! captured logs, and readers for metrics and stored rows.
 
 pub mod app;
 pub mod backends;
 pub mod logs;
+pub mod metrics;
+mod postgres;
+pub mod process;
+pub mod stored;
+mod throwaway_cluster;
 
 pub use app::TestApp;
 pub use backends::{Backend, TestDatabase};

@@ -1,0 +1,39 @@
+//! What a test's database holds, read straight from it rather than through the app.
+
+use sqlx::Connection;
+
+use super::backends::{Backend, TestDatabase};
+
+/// Every event's payload, in insertion order.
+pub async fn event_payloads(db: &TestDatabase) -> Vec<String> {
+    column(db, "select payload from events order by id").await
+}
+
+/// Every rejected payload's body, in insertion order.
+pub async fn rejected_bodies(db: &TestDatabase) -> Vec<Vec<u8>> {
+    column(db, "select body from rejected_payloads order by id").await
+}
+
+async fn column<T>(db: &TestDatabase, sql: &str) -> Vec<T>
+where
+    T: Send + Unpin,
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    T: for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+{
+    match db.backend {
+        Backend::Postgres => {
+            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query_scalar(sql)
+                .fetch_all(&mut connection)
+                .await
+                .unwrap()
+        }
+        Backend::Sqlite => {
+            let mut connection = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query_scalar(sql)
+                .fetch_all(&mut connection)
+                .await
+                .unwrap()
+        }
+    }
+}
