@@ -6,8 +6,8 @@
 //! 4. Call Nen exactly once.
 //! 5. Record the run and answer 202, or pass on Nen's refusal.
 //!
-//! Steps 4 and 5 run in a task of their own, so that a client that hangs up mid-call cannot
-//! cancel them: a run Nen accepted is always recorded and its key always settled.
+//! Steps 3 to 5 run in a task of their own, so that a client that hangs up mid-call cannot
+//! cancel them: a claimed key is always settled, and a run Nen accepted is always recorded.
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -109,11 +109,13 @@ async fn handle(state: AppState, headers: &HeaderMap, body: Body) -> Result<Resp
         }
     };
 
-    if let Some(key) = &idempotency_key {
+    // Built here, claimed in the detached part: a claim whose request is cancelled half way
+    // would keep the key "in progress" until it expires.
+    let claim = idempotency_key.as_ref().map(|key| {
         let now = Utc::now();
         let ttl = chrono::Duration::from_std(state.settings.trigger.idempotency_ttl)
             .unwrap_or(chrono::Duration::hours(24));
-        let claim = IdempotencyClaim {
+        IdempotencyClaim {
             key: key.clone(),
             request_sha256: fingerprint(
                 &request,
@@ -124,23 +126,8 @@ async fn handle(state: AppState, headers: &HeaderMap, body: Body) -> Result<Resp
             ),
             now,
             expires_at: now + ttl,
-        };
-        match state.store.claim_idempotency_key(&claim).await? {
-            ClaimOutcome::Claimed => {}
-            ClaimOutcome::Completed(stored) => {
-                metrics::record_trigger("replayed");
-                return Ok(replay(stored));
-            }
-            ClaimOutcome::InProgress => {
-                metrics::record_trigger("conflict");
-                return Err(ApiError::IdempotencyInProgress);
-            }
-            ClaimOutcome::Conflict => {
-                metrics::record_trigger("conflict");
-                return Err(ApiError::IdempotencyConflict);
-            }
         }
-    }
+    });
 
     let outgoing = NenRunRequest {
         workflow_id: &request.workflow_id,
@@ -164,7 +151,7 @@ async fn handle(state: AppState, headers: &HeaderMap, body: Body) -> Result<Resp
             .as_ref()
             .map(secret_texts)
             .unwrap_or_default(),
-        idempotency_key,
+        claim,
         body,
         signed,
     };
@@ -179,12 +166,30 @@ struct NenCall {
     stored_params: Option<String>,
     /// Secure parameter values, only to scrub them from Nen's error answers.
     secure_values: Vec<String>,
-    idempotency_key: Option<String>,
+    claim: Option<IdempotencyClaim>,
     body: Bytes,
     signed: bool,
 }
 
 async fn call_nen(state: AppState, call: NenCall) -> Result<Response, ApiError> {
+    if let Some(claim) = &call.claim {
+        match state.store.claim_idempotency_key(claim).await? {
+            ClaimOutcome::Claimed => {}
+            ClaimOutcome::Completed(stored) => {
+                metrics::record_trigger("replayed");
+                return Ok(replay(stored));
+            }
+            ClaimOutcome::InProgress => {
+                metrics::record_trigger("conflict");
+                return Err(ApiError::IdempotencyInProgress);
+            }
+            ClaimOutcome::Conflict => {
+                metrics::record_trigger("conflict");
+                return Err(ApiError::IdempotencyConflict);
+            }
+        }
+    }
+    let idempotency_key = call.claim.map(|claim| claim.key);
     let workflow_id = call.workflow_id.as_str();
     let outcome = state.nen.start_run(call.body, call.signed).await;
     let (message_id, nen_workflow_id) = match outcome {
@@ -196,7 +201,7 @@ async fn call_nen(state: AppState, call: NenCall) -> Result<Response, ApiError> 
             // Nen refused (no run was started) or the outcome is unknown. Either way the key is
             // freed: a refusal may be fixable (a key, a rate limit), and after an ambiguous
             // failure the client decides, knowingly, whether to try again.
-            if let Some(key) = &call.idempotency_key {
+            if let Some(key) = &idempotency_key {
                 if let Err(error) = state.store.release_idempotency_key(key).await {
                     tracing::error!(%error, "cannot release an Idempotency-Key; it stays taken until it expires");
                 }
@@ -229,7 +234,7 @@ async fn call_nen(state: AppState, call: NenCall) -> Result<Response, ApiError> 
         status: "submitted",
     })
     .expect("plain strings serialise");
-    if let Some(key) = &call.idempotency_key {
+    if let Some(key) = &idempotency_key {
         let stored = StoredResponse {
             status: StatusCode::ACCEPTED.as_u16(),
             body: body.clone(),
