@@ -123,6 +123,17 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+impl From<crate::runs::query::QueryError> for ApiError {
+    fn from(error: crate::runs::query::QueryError) -> Self {
+        use crate::runs::query::QueryError;
+        match error {
+            QueryError::RunNotFound(_) => ApiError::NotFound(error.to_string()),
+            QueryError::InvalidRequest(message) => ApiError::InvalidRequest(message),
+            QueryError::Store(error) => ApiError::from(error),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
