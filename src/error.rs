@@ -134,6 +134,20 @@ impl From<crate::runs::query::QueryError> for ApiError {
     }
 }
 
+impl From<crate::callbacks::CallbackError> for ApiError {
+    fn from(error: crate::callbacks::CallbackError) -> Self {
+        use crate::callbacks::CallbackError;
+        match error {
+            CallbackError::PayloadTooLarge { limit } => ApiError::PayloadTooLarge { limit },
+            CallbackError::RequestTimeout => ApiError::RequestTimeout,
+            CallbackError::InvalidSignature => ApiError::InvalidSignature,
+            CallbackError::InvalidPayload(message) => ApiError::InvalidPayload(message),
+            CallbackError::Unavailable(detail) => ApiError::Unavailable(detail),
+            CallbackError::Store(error) => ApiError::from(error),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
