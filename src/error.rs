@@ -123,6 +123,26 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+impl From<crate::runs::start::StartError> for ApiError {
+    fn from(error: crate::runs::start::StartError) -> Self {
+        use crate::runs::start::StartError;
+        match error {
+            StartError::InvalidRequest(message) => ApiError::InvalidRequest(message),
+            StartError::NotConfigured(missing) => ApiError::NotConfigured(missing.to_string()),
+            StartError::IdempotencyConflict => ApiError::IdempotencyConflict,
+            StartError::IdempotencyInProgress => ApiError::IdempotencyInProgress,
+            StartError::NenRejected { status, answer } => ApiError::NenRejected {
+                status,
+                nen_error: answer,
+            },
+            StartError::NenUnavailable(detail) => ApiError::NenUnavailable(detail),
+            StartError::NenTimeout => ApiError::NenTimeout,
+            StartError::Store(error) => ApiError::from(error),
+            StartError::Internal(detail) => ApiError::Internal(detail),
+        }
+    }
+}
+
 impl From<crate::runs::query::QueryError> for ApiError {
     fn from(error: crate::runs::query::QueryError) -> Self {
         use crate::runs::query::QueryError;

@@ -5,7 +5,6 @@ pub mod callbacks;
 pub mod extract;
 pub mod ops;
 pub mod runs;
-pub mod trigger;
 
 use std::sync::Arc;
 

@@ -1,16 +1,47 @@
-//! Reading runs: `GET /v1/runs/{message_id}`, `GET /v1/runs`, `GET /v1/runs/{message_id}/events`.
+//! `/v1/runs`: starting runs (`POST /v1/runs`) and reading them (`GET /v1/runs`,
+//! `GET /v1/runs/{message_id}`, `GET /v1/runs/{message_id}/events`).
 //!
-//! Each handler extracts what the request carries, calls one function of `runs::query`, and maps
+//! Each handler extracts what the request carries, calls one domain function in `runs`, and maps
 //! its one result to one answer.
 
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::extract::AppQuery;
 use super::AppState;
 use crate::error::ApiError;
+use crate::runs::idempotency;
 use crate::runs::query::{self, EventList, ListRequest, RunList};
+use crate::runs::start::{
+    RunStarter, StartInput, StartPolicy, Started, UnreadableBody, MAX_REQUEST_BYTES,
+};
 use crate::store::Run;
+
+const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+pub async fn start_run(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let input = StartInput {
+        body: axum::body::to_bytes(body, MAX_REQUEST_BYTES)
+            .await
+            .map_err(|_| UnreadableBody),
+        idempotency_key: headers
+            .get(idempotency::HEADER)
+            .map(|value| Bytes::copy_from_slice(value.as_bytes())),
+    };
+    let policy = StartPolicy::from_settings(&state.settings);
+    RunStarter::new(state.store, state.nen, policy)
+        .start(input)
+        .await
+        .map(started)
+        .map_err(ApiError::from)
+}
 
 pub async fn get_run(
     State(state): State<AppState>,
@@ -40,4 +71,73 @@ pub async fn list_events(
         .await
         .map(Json)
         .map_err(ApiError::from)
+}
+
+/// 202 with the answer and `Location: /v1/runs/<message_id>`; a replay says so in a header.
+fn started(started: Started) -> Response {
+    let location = format!("/v1/runs/{}", encode_segment(&started.answer().message_id));
+    let mut response = (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(started.answer()),
+    )
+        .into_response();
+    if started.is_replay() {
+        response
+            .headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters (a UUID passes unchanged).
+fn encode_segment(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (byte as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runs::start::Submitted;
+
+    #[test]
+    fn locations_are_encoded() {
+        assert_eq!(encode_segment("550e8400-e29b"), "550e8400-e29b");
+        assert_eq!(encode_segment("a/b c"), "a%2Fb%20c");
+    }
+
+    #[tokio::test]
+    async fn a_replay_is_the_first_answer_marked_as_replayed() {
+        let answer = Submitted::new("m/1".into(), "w".into());
+        for (result, replayed) in [
+            (Started::New(answer.clone()), None),
+            (Started::Replayed(answer.clone()), Some("true")),
+        ] {
+            let response = started(result);
+            assert_eq!(response.status(), StatusCode::ACCEPTED);
+            assert_eq!(response.headers()[header::LOCATION], "/v1/runs/m%2F1");
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+            assert_eq!(
+                response
+                    .headers()
+                    .get(&IDEMPOTENT_REPLAYED)
+                    .map(|value| value.to_str().unwrap()),
+                replayed
+            );
+            let body = axum::body::to_bytes(response.into_body(), 1024)
+                .await
+                .unwrap();
+            assert_eq!(
+                body,
+                r#"{"message_id":"m/1","workflow_id":"w","status":"submitted"}"#
+            );
+        }
+    }
 }
