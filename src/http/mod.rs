@@ -8,10 +8,10 @@ pub mod runs;
 
 use std::sync::Arc;
 
-use crate::config::Settings;
 use crate::callbacks::ingest::Ingest;
-use crate::nen::NenClient;
 use crate::callbacks::signature::WebhookKeys;
+use crate::config::Settings;
+use crate::nen::NenClient;
 use crate::store::Store;
 
 use auth::ApiTokens;
