@@ -29,7 +29,7 @@ use tracing::Level;
 use crate::config::Settings;
 use crate::error::ApiError;
 use crate::http::auth::{self, ApiTokens};
-use crate::http::{callbacks, ops, runs, trigger, AppState};
+use crate::http::{callbacks, ops, runs, AppState};
 use crate::callbacks::ingest::{Ingest, Writers};
 use crate::nen::NenClient;
 use crate::callbacks::signature::WebhookKeys;
@@ -177,7 +177,7 @@ pub fn router(state: AppState) -> Router {
     // Everything under /v1, unknown paths included, needs a token: a caller without one learns
     // nothing about which routes exist.
     let v1 = Router::new()
-        .route("/runs", get(runs::list_runs).post(trigger::start_run))
+        .route("/runs", get(runs::list_runs).post(runs::start_run))
         .route("/runs/{message_id}", get(runs::get_run))
         .route("/runs/{message_id}/events", get(runs::list_events))
         .fallback(not_found)

@@ -123,6 +123,51 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+impl From<crate::runs::start::StartError> for ApiError {
+    fn from(error: crate::runs::start::StartError) -> Self {
+        use crate::runs::start::StartError;
+        match error {
+            StartError::InvalidRequest(message) => ApiError::InvalidRequest(message),
+            StartError::NotConfigured(missing) => ApiError::NotConfigured(missing.to_string()),
+            StartError::IdempotencyConflict => ApiError::IdempotencyConflict,
+            StartError::IdempotencyInProgress => ApiError::IdempotencyInProgress,
+            StartError::NenRejected { status, answer } => ApiError::NenRejected {
+                status,
+                nen_error: answer,
+            },
+            StartError::NenUnavailable(detail) => ApiError::NenUnavailable(detail),
+            StartError::NenTimeout => ApiError::NenTimeout,
+            StartError::Store(error) => ApiError::from(error),
+            StartError::Internal(detail) => ApiError::Internal(detail),
+        }
+    }
+}
+
+impl From<crate::runs::query::QueryError> for ApiError {
+    fn from(error: crate::runs::query::QueryError) -> Self {
+        use crate::runs::query::QueryError;
+        match error {
+            QueryError::RunNotFound(_) => ApiError::NotFound(error.to_string()),
+            QueryError::InvalidRequest(message) => ApiError::InvalidRequest(message),
+            QueryError::Store(error) => ApiError::from(error),
+        }
+    }
+}
+
+impl From<crate::callbacks::CallbackError> for ApiError {
+    fn from(error: crate::callbacks::CallbackError) -> Self {
+        use crate::callbacks::CallbackError;
+        match error {
+            CallbackError::PayloadTooLarge { limit } => ApiError::PayloadTooLarge { limit },
+            CallbackError::RequestTimeout => ApiError::RequestTimeout,
+            CallbackError::InvalidSignature => ApiError::InvalidSignature,
+            CallbackError::InvalidPayload(message) => ApiError::InvalidPayload(message),
+            CallbackError::Unavailable(detail) => ApiError::Unavailable(detail),
+            CallbackError::Store(error) => ApiError::from(error),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();

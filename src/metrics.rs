@@ -74,8 +74,32 @@ pub fn record_ingest_failure(reason: &'static str) {
     counter!(INGEST_FAILURES_TOTAL, "reason" => reason).increment(1);
 }
 
-/// `outcome` is one of a fixed set: `accepted`, `replayed`, `nen_rejected`, `nen_unavailable`,
-/// `nen_timeout`, `conflict`, `invalid`.
-pub fn record_trigger(outcome: &'static str) {
-    counter!(TRIGGERS_TOTAL, "outcome" => outcome).increment(1);
+/// How a request to start a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TriggerOutcome {
+    Accepted,
+    Replayed,
+    NenRejected,
+    NenUnavailable,
+    NenTimeout,
+    Conflict,
+    Invalid,
+}
+
+impl TriggerOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TriggerOutcome::Accepted => "accepted",
+            TriggerOutcome::Replayed => "replayed",
+            TriggerOutcome::NenRejected => "nen_rejected",
+            TriggerOutcome::NenUnavailable => "nen_unavailable",
+            TriggerOutcome::NenTimeout => "nen_timeout",
+            TriggerOutcome::Conflict => "conflict",
+            TriggerOutcome::Invalid => "invalid",
+        }
+    }
+}
+
+pub fn record_trigger(outcome: TriggerOutcome) {
+    counter!(TRIGGERS_TOTAL, "outcome" => outcome.as_str()).increment(1);
 }

@@ -1,7 +1,9 @@
-//! `POST /webhooks/nen`: Nen's signed callbacks, checked in the order SPEC.md fixes.
+//! `POST /webhooks/nen`: Nen's signed callbacks.
 //!
-//! 1. size (413), 2. signature over the raw bytes (401), 3. shape (400, body kept),
-//! 4. durable, deduplicated write (503 if the store cannot take it), 5. 200 after the commit.
+//! The handler reads the body (refusing an oversized one before reading it when its length is
+//! declared) within the body timeout, picks the signature header, and hands both to
+//! `callbacks::Receiver`, which answers in the contract's order: 413, 401, 400, 503, then 200
+//! after the commit.
 
 use std::time::Duration;
 
@@ -10,110 +12,45 @@ use axum::extract::State;
 use axum::http::header::CONTENT_LENGTH;
 use axum::http::HeaderMap;
 use axum::Json;
-use chrono::Utc;
-use serde::Serialize;
 
 use super::AppState;
+use crate::callbacks::signature::SIGNATURE_HEADER;
+use crate::callbacks::{Acknowledgement, BodyError, Receiver};
 use crate::error::ApiError;
-use crate::callbacks::ingest::IngestError;
-use crate::metrics::{self, CallbackOutcome};
-use crate::callbacks::payload::parse_callback;
-use crate::callbacks::signature::{SignatureHeader, SIGNATURE_HEADER};
-use crate::store::{Delivery, RejectedPayload};
-
-/// The acknowledgement Nen gets once the delivery is committed.
-#[derive(Debug, Serialize)]
-pub struct Acknowledgement {
-    pub received: bool,
-    pub duplicate: bool,
-    pub message_id: String,
-    pub status: String,
-}
 
 pub async fn receive(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Acknowledgement>, ApiError> {
-    let result = handle(&state, &headers, body).await;
-    metrics::record_callback(match &result {
-        Ok(ack) if ack.duplicate => CallbackOutcome::Duplicate,
-        Ok(_) => CallbackOutcome::Accepted,
-        Err(ApiError::PayloadTooLarge { .. }) => CallbackOutcome::PayloadTooLarge,
-        Err(ApiError::InvalidSignature) => CallbackOutcome::InvalidSignature,
-        Err(ApiError::InvalidPayload(_)) => CallbackOutcome::InvalidPayload,
-        Err(ApiError::RequestTimeout) => CallbackOutcome::RequestTimeout,
-        Err(_) => CallbackOutcome::Unavailable,
-    });
-    result.map(Json)
+    let limits = &state.settings.webhook;
+    let body = read_body(
+        &headers,
+        body,
+        limits.max_body_bytes,
+        limits.body_timeout,
+    )
+    .await;
+    let receiver = Receiver {
+        keys: &state.webhook_keys,
+        ingest: &state.ingest,
+        store: state.store.as_ref(),
+        ack_timeout: limits.ack_timeout,
+    };
+    receiver
+        .receive(single_value(&headers, SIGNATURE_HEADER), body)
+        .await
+        .map(Json)
+        .map_err(ApiError::from)
 }
 
-async fn handle(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Acknowledgement, ApiError> {
-    let settings = &state.settings.webhook;
-    let raw = read_body(
-        headers,
-        body,
-        settings.max_body_bytes,
-        settings.body_timeout,
-    )
-    .await?;
-
-    let key_id = verify_signature(state, headers, &raw)?;
-    let received_at = Utc::now();
-
-    let parsed = match parse_callback(&raw) {
-        Ok(parsed) => parsed,
-        Err(problem) => {
-            tracing::warn!(%key_id, reason = %problem, "signed callback is not a valid payload");
-            // Authentic Nen data: keep it. If it cannot be kept, say 503 so Nen sends it again.
-            let rejected = RejectedPayload {
-                raw_body: raw,
-                key_id: key_id.to_owned(),
-                reason: problem.to_string(),
-                received_at,
-            };
-            tokio::time::timeout(
-                settings.ack_timeout,
-                state.store.record_rejected_payload(&rejected),
-            )
-            .await
-            .map_err(|_| ApiError::Unavailable("the store did not commit in time".into()))??;
-            return Err(ApiError::InvalidPayload(problem.to_string()));
-        }
-    };
-    metrics::record_callback_key(key_id);
-
-    let delivery = Delivery::verified(raw, parsed, key_id, received_at);
-    let message_id = delivery.message_id.clone();
-    let status = delivery.status.clone();
-
-    let outcome = tokio::time::timeout(settings.ack_timeout, state.ingest.record(delivery))
-        .await
-        .map_err(|_| ApiError::Unavailable("the store did not commit in time".into()))?
-        .map_err(|error| match error {
-            IngestError::Store(store) => ApiError::from(store),
-            other => ApiError::Unavailable(other.to_string()),
-        })?;
-
-    if outcome.body_differs {
-        metrics::record_callback_anomaly("differing_duplicate");
-        tracing::warn!(%message_id, %status, "a repeated callback's body differs from the stored one");
+/// The value of a header sent exactly once; `None` when it is absent or repeated.
+fn single_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => Some(value.as_bytes()),
+        _ => None,
     }
-    if outcome.conflicting_terminal {
-        metrics::record_callback_anomaly("conflicting_terminal");
-        tracing::warn!(%message_id, %status, "a terminal status conflicts with the run's earlier one");
-    }
-    tracing::debug!(%message_id, %status, duplicate = outcome.duplicate, "callback recorded");
-    Ok(Acknowledgement {
-        received: true,
-        duplicate: outcome.duplicate,
-        message_id,
-        status,
-    })
 }
 
 /// Reads the whole body, refusing more than `limit` bytes before reading them when the length
@@ -123,46 +60,25 @@ async fn read_body(
     body: Body,
     limit: usize,
     timeout: Duration,
-) -> Result<Bytes, ApiError> {
+) -> Result<Bytes, BodyError> {
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit as u64) {
-        return Err(ApiError::PayloadTooLarge { limit });
+        return Err(BodyError::TooLarge { limit });
     }
     match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
-        Err(_) => Err(ApiError::RequestTimeout),
+        Err(_) => Err(BodyError::TimedOut),
         Ok(Ok(bytes)) => Ok(bytes),
         Ok(Err(error)) => {
             let too_large = std::error::Error::source(&error)
                 .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
             if too_large {
-                Err(ApiError::PayloadTooLarge { limit })
+                Err(BodyError::TooLarge { limit })
             } else {
-                Err(ApiError::InvalidPayload(
-                    "the request body could not be read".into(),
-                ))
+                Err(BodyError::Broken)
             }
         }
     }
-}
-
-/// Returns the id of the secret that signed the body. Exactly one well-formed header is
-/// required: two headers are ambiguous and refused, whichever of them would verify.
-fn verify_signature<'a>(
-    state: &'a AppState,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<&'a str, ApiError> {
-    let mut values = headers.get_all(SIGNATURE_HEADER).iter();
-    let (Some(value), None) = (values.next(), values.next()) else {
-        return Err(ApiError::InvalidSignature);
-    };
-    let header =
-        SignatureHeader::parse(value.as_bytes()).map_err(|_| ApiError::InvalidSignature)?;
-    state
-        .webhook_keys
-        .verify(&header, body)
-        .ok_or(ApiError::InvalidSignature)
 }

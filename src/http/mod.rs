@@ -5,14 +5,13 @@ pub mod callbacks;
 pub mod extract;
 pub mod ops;
 pub mod runs;
-pub mod trigger;
 
 use std::sync::Arc;
 
-use crate::config::Settings;
 use crate::callbacks::ingest::Ingest;
-use crate::nen::NenClient;
 use crate::callbacks::signature::WebhookKeys;
+use crate::config::Settings;
+use crate::nen::NenClient;
 use crate::store::Store;
 
 use auth::ApiTokens;

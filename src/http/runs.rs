@@ -1,122 +1,143 @@
-//! Reading runs: `GET /v1/runs/{message_id}`, `GET /v1/runs`, `GET /v1/runs/{message_id}/events`.
+//! `/v1/runs`: starting runs (`POST /v1/runs`) and reading them (`GET /v1/runs`,
+//! `GET /v1/runs/{message_id}`, `GET /v1/runs/{message_id}/events`).
+//!
+//! Each handler extracts what the request carries, calls one domain function in `runs`, and maps
+//! its one result to one answer.
 
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
-use serde::{Deserialize, Serialize};
 
 use super::extract::AppQuery;
 use super::AppState;
 use crate::error::ApiError;
-use crate::store::{Event, Run, RunCursor, RunQuery};
+use crate::runs::idempotency;
+use crate::runs::query::{self, EventList, ListRequest, RunList};
+use crate::runs::start::{
+    RunStarter, StartInput, StartPolicy, Started, UnreadableBody, MAX_REQUEST_BYTES,
+};
+use crate::store::Run;
 
-pub const DEFAULT_LIMIT: u32 = 50;
-pub const MAX_LIMIT: u32 = 500;
+const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+pub async fn start_run(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let input = StartInput {
+        body: axum::body::to_bytes(body, MAX_REQUEST_BYTES)
+            .await
+            .map_err(|_| UnreadableBody),
+        idempotency_key: headers
+            .get(idempotency::HEADER)
+            .map(|value| Bytes::copy_from_slice(value.as_bytes())),
+    };
+    let policy = StartPolicy::from_settings(&state.settings);
+    RunStarter::new(state.store, state.nen, policy)
+        .start(input)
+        .await
+        .map(started)
+        .map_err(ApiError::from)
+}
 
 pub async fn get_run(
     State(state): State<AppState>,
     Path(message_id): Path<String>,
 ) -> Result<Json<Run>, ApiError> {
-    state
-        .store
-        .get_run(&message_id)
-        .await?
+    query::get_run(state.store.as_ref(), &message_id)
+        .await
         .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no run with message_id {message_id:?}")))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListParams {
-    workflow_id: Option<String>,
-    status: Option<String>,
-    // Read as text, so that a bad value gets this service's own message.
-    limit: Option<String>,
-    cursor: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct RunList {
-    runs: Vec<Run>,
-    next_cursor: Option<String>,
+        .map_err(ApiError::from)
 }
 
 pub async fn list_runs(
     State(state): State<AppState>,
-    AppQuery(params): AppQuery<ListParams>,
+    AppQuery(request): AppQuery<ListRequest>,
 ) -> Result<Json<RunList>, ApiError> {
-    let limit = match params.limit.as_deref() {
-        None | Some("") => DEFAULT_LIMIT,
-        Some(text) => text
-            .parse::<u32>()
-            .ok()
-            .filter(|limit| (1..=MAX_LIMIT).contains(limit))
-            .ok_or_else(|| {
-                ApiError::InvalidRequest(format!(
-                    "limit must be a whole number from 1 to {MAX_LIMIT}"
-                ))
-            })?,
-    };
-    let after = match params.cursor.as_deref() {
-        None | Some("") => None,
-        Some(text) => Some(decode_cursor(text).ok_or_else(|| {
-            ApiError::InvalidRequest("cursor is not one this service returned".into())
-        })?),
-    };
-    let query = RunQuery {
-        workflow_id: params.workflow_id.filter(|v| !v.is_empty()),
-        status: params.status.filter(|v| !v.is_empty()),
-        limit,
-        after,
-    };
-    let page = state.store.list_runs(&query).await?;
-    Ok(Json(RunList {
-        runs: page.runs,
-        next_cursor: page.next.map(encode_cursor),
-    }))
-}
-
-#[derive(Debug, Serialize)]
-pub struct EventList {
-    events: Vec<Event>,
+    query::list_runs(state.store.as_ref(), request)
+        .await
+        .map(Json)
+        .map_err(ApiError::from)
 }
 
 pub async fn list_events(
     State(state): State<AppState>,
     Path(message_id): Path<String>,
 ) -> Result<Json<EventList>, ApiError> {
-    let events = state.store.list_events(&message_id).await?;
-    if events.is_empty() && state.store.get_run(&message_id).await?.is_none() {
-        return Err(ApiError::NotFound(format!(
-            "no run with message_id {message_id:?}"
-        )));
+    query::list_events(state.store.as_ref(), &message_id)
+        .await
+        .map(Json)
+        .map_err(ApiError::from)
+}
+
+/// 202 with the answer and `Location: /v1/runs/<message_id>`; a replay says so in a header.
+fn started(started: Started) -> Response {
+    let location = format!("/v1/runs/{}", encode_segment(&started.answer().message_id));
+    let mut response = (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(started.answer()),
+    )
+        .into_response();
+    if started.is_replay() {
+        response
+            .headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     }
-    Ok(Json(EventList { events }))
+    response
 }
 
-/// Cursors are opaque to clients: a versioned, URL-safe encoding of the keyset position.
-fn encode_cursor(cursor: RunCursor) -> String {
-    URL_SAFE_NO_PAD.encode(format!("v1:{}", cursor.seq))
-}
-
-fn decode_cursor(text: &str) -> Option<RunCursor> {
-    let bytes = URL_SAFE_NO_PAD.decode(text).ok()?;
-    let text = std::str::from_utf8(&bytes).ok()?;
-    let seq = text.strip_prefix("v1:")?.parse::<i64>().ok()?;
-    Some(RunCursor { seq })
+/// Percent-encodes everything but RFC 3986 unreserved characters (a UUID passes unchanged).
+fn encode_segment(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (byte as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runs::start::Submitted;
 
     #[test]
-    fn cursors_round_trip_and_reject_garbage() {
-        let cursor = RunCursor { seq: 12345 };
-        assert_eq!(decode_cursor(&encode_cursor(cursor)), Some(cursor));
-        assert_eq!(decode_cursor("12345"), None);
-        assert_eq!(decode_cursor("!!"), None);
-        assert_eq!(decode_cursor(&URL_SAFE_NO_PAD.encode("v2:1")), None);
+    fn locations_are_encoded() {
+        assert_eq!(encode_segment("550e8400-e29b"), "550e8400-e29b");
+        assert_eq!(encode_segment("a/b c"), "a%2Fb%20c");
+    }
+
+    #[tokio::test]
+    async fn a_replay_is_the_first_answer_marked_as_replayed() {
+        let answer = Submitted::new("m/1".into(), "w".into());
+        for (result, replayed) in [
+            (Started::New(answer.clone()), None),
+            (Started::Replayed(answer.clone()), Some("true")),
+        ] {
+            let response = started(result);
+            assert_eq!(response.status(), StatusCode::ACCEPTED);
+            assert_eq!(response.headers()[header::LOCATION], "/v1/runs/m%2F1");
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+            assert_eq!(
+                response
+                    .headers()
+                    .get(&IDEMPOTENT_REPLAYED)
+                    .map(|value| value.to_str().unwrap()),
+                replayed
+            );
+            let body = axum::body::to_bytes(response.into_body(), 1024)
+                .await
+                .unwrap();
+            assert_eq!(
+                body,
+                r#"{"message_id":"m/1","workflow_id":"w","status":"submitted"}"#
+            );
+        }
     }
 }

@@ -4,4 +4,6 @@ pub mod client;
 pub mod fake;
 pub mod signing;
 
-pub use client::{NenClient, StartRunOutcome};
+pub use client::{
+    Accepted, NenClient, NenError, NotConfigured, PreparedRun, RunRequest, SecureParams,
+};

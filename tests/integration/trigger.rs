@@ -3,13 +3,23 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
+use nen_relay::app::Application;
+use nen_relay::config::{Environment, Settings};
 use nen_relay::nen::fake::{FakeNen, FakeNenOptions};
 use nen_relay::nen::signing;
+use nen_relay::store::{
+    self, ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,
+    RunPage, RunQuery, Store, StoreError, StoredResponse, TriggeredRun,
+};
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
 use sqlx::{Connection, Row};
+use tokio::sync::{Notify, Semaphore};
 use wiremock::matchers::{body_partial_json, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -752,6 +762,161 @@ async fn the_fake_refuses_unsigned_secure_params_like_nen() {
     );
 }
 
+/// Passes every call through, except that each `claim_idempotency_key` is held, once it has
+/// committed, until `let_claims_return` is called: the window in which a caller may hang up.
+struct HeldClaims {
+    inner: Arc<dyn Store>,
+    claimed: Notify,
+    gate: Semaphore,
+}
+
+impl HeldClaims {
+    fn let_claims_return(&self) {
+        self.gate.add_permits(Semaphore::MAX_PERMITS / 2);
+    }
+}
+
+#[async_trait]
+impl Store for HeldClaims {
+    async fn record_deliveries(
+        &self,
+        deliveries: &[Delivery],
+    ) -> Result<Vec<DeliveryOutcome>, StoreError> {
+        self.inner.record_deliveries(deliveries).await
+    }
+    async fn record_rejected_payload(&self, rejected: &RejectedPayload) -> Result<(), StoreError> {
+        self.inner.record_rejected_payload(rejected).await
+    }
+    async fn get_run(&self, message_id: &str) -> Result<Option<Run>, StoreError> {
+        self.inner.get_run(message_id).await
+    }
+    async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
+        self.inner.list_runs(query).await
+    }
+    async fn list_events(&self, message_id: &str) -> Result<Vec<Event>, StoreError> {
+        self.inner.list_events(message_id).await
+    }
+    async fn record_triggered_run(&self, run: &TriggeredRun) -> Result<(), StoreError> {
+        self.inner.record_triggered_run(run).await
+    }
+    async fn claim_idempotency_key(
+        &self,
+        claim: &IdempotencyClaim,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let outcome = self.inner.claim_idempotency_key(claim).await;
+        self.claimed.notify_one();
+        let _permit = self.gate.acquire().await.expect("never closed");
+        outcome
+    }
+    async fn complete_idempotency_key(
+        &self,
+        key: &str,
+        response: &StoredResponse,
+    ) -> Result<(), StoreError> {
+        self.inner.complete_idempotency_key(key, response).await
+    }
+    async fn release_idempotency_key(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.release_idempotency_key(key).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+}
+
+async fn a_client_that_hangs_up_after_the_claim_still_gets_its_run_and_its_key_settled(
+    db: TestDatabase,
+) {
+    let keys = NenKeys::new();
+    let nen = MockServer::start().await;
+    let workflow = workflow_id();
+    Mock::given(method("POST"))
+        .and(body_partial_json(json!({"workflow_id": workflow})))
+        .respond_with(accepted_by_nen("m-hung-up", &workflow))
+        .expect(1)
+        .mount(&nen)
+        .await;
+    let token = format!("token-{}", uuid::Uuid::new_v4().simple());
+    let mut variables = BTreeMap::from([
+        ("NEN_RELAY_BIND".into(), "127.0.0.1:0".into()),
+        ("DATABASE_URL".into(), db.url.clone()),
+        ("NEN_WEBHOOK_SECRETS".into(), keys.webhook_secret.clone()),
+        ("NEN_RELAY_API_TOKENS".into(), token.clone()),
+    ]);
+    nen_variables(&mut variables, &nen.uri(), &keys);
+    let settings = Settings::from_sources(
+        Environment::Local,
+        Path::new("/nonexistent-nen-relay-config"),
+        &variables,
+    )
+    .expect("valid test settings");
+    let inner = store::connect(&settings.database_url, &settings.store.options(), true)
+        .await
+        .expect("the test database opens and migrates");
+    let held = Arc::new(HeldClaims {
+        inner,
+        claimed: Notify::new(),
+        gate: Semaphore::new(0),
+    });
+    let application = Application::build_with_store(settings, held.clone())
+        .await
+        .expect("the app builds");
+    let url = format!("http://127.0.0.1:{}/v1/runs", application.port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(application.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::new();
+    let body = json!({"workflow_id": workflow, "workflow_params": {}});
+    let key = format!("key-{}", uuid::Uuid::new_v4());
+    let send = || {
+        client
+            .post(&url)
+            .bearer_auth(&token)
+            .header("Idempotency-Key", &key)
+            .json(&body)
+            .send()
+    };
+
+    // The client gives up while its key is claimed and Nen not yet called: dropping the
+    // request closes its connection.
+    tokio::select! {
+        answer = send() => panic!("answered while the claim was held: {answer:?}"),
+        () = held.claimed.notified() => {}
+    }
+    held.let_claims_return();
+
+    // The run is started and the key settled all the same: a repeat gets the kept answer.
+    let mut repeat = send().await.unwrap();
+    for _ in 0..100 {
+        if repeat.status() != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        repeat = send().await.unwrap();
+    }
+    assert_eq!(repeat.status(), StatusCode::ACCEPTED);
+    assert_eq!(repeat.headers()["idempotent-replayed"], "true");
+    assert_eq!(repeat.headers()["location"], "/v1/runs/m-hung-up");
+    assert_eq!(
+        repeat.json::<Value>().await.unwrap()["message_id"],
+        "m-hung-up"
+    );
+    assert_eq!(
+        requests_for(&nen, &workflow).await.len(),
+        1,
+        "Nen called once"
+    );
+    let run = held
+        .get_run("m-hung-up")
+        .await
+        .unwrap()
+        .expect("the run is recorded");
+    assert!(run.triggered_here);
+
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
 /// Every row of every table, as text.
 async fn dump_every_table(db: &TestDatabase) -> String {
     let mut dump = String::new();
@@ -823,4 +988,5 @@ on_both_backends!(
     a_repeated_idempotency_key_replays_the_first_answer,
     ten_simultaneous_requests_with_one_key_call_nen_once,
     secure_params_are_signed_and_kept_nowhere,
+    a_client_that_hangs_up_after_the_claim_still_gets_its_run_and_its_key_settled,
 );

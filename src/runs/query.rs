@@ -1,0 +1,155 @@
+//! Reading runs back: one run, a filtered newest-first listing, and a run's events.
+//!
+//! Listings are keyset-paginated. The cursor is opaque to clients: a versioned, URL-safe encoding
+//! of the position, so that its form can change without breaking a client that stores one.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Event, Run, RunCursor, RunQuery, Store, StoreError};
+
+pub const DEFAULT_LIMIT: u32 = 50;
+pub const MAX_LIMIT: u32 = 500;
+
+/// A listing as asked for; unknown parameters are refused. An empty value means "not given".
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListRequest {
+    pub workflow_id: Option<String>,
+    pub status: Option<String>,
+    /// Read as text, so that a bad value gets this service's own message.
+    pub limit: Option<String>,
+    pub cursor: Option<String>,
+}
+
+/// One page of runs, newest first.
+#[derive(Debug, Serialize)]
+pub struct RunList {
+    pub runs: Vec<Run>,
+    /// Present when more runs follow: pass it back as `cursor` for the next page.
+    pub next_cursor: Option<String>,
+}
+
+/// Every distinct delivery of a run, in arrival order.
+#[derive(Debug, Serialize)]
+pub struct EventList {
+    pub events: Vec<Event>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("no run with message_id {0:?}")]
+    RunNotFound(String),
+    /// A listing parameter is malformed; the message names it.
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub async fn get_run(store: &dyn Store, message_id: &str) -> Result<Run, QueryError> {
+    store
+        .get_run(message_id)
+        .await?
+        .ok_or_else(|| QueryError::RunNotFound(message_id.to_owned()))
+}
+
+pub async fn list_runs(store: &dyn Store, request: ListRequest) -> Result<RunList, QueryError> {
+    let query = RunQuery {
+        workflow_id: request.workflow_id.filter(|value| !value.is_empty()),
+        status: request.status.filter(|value| !value.is_empty()),
+        limit: parse_limit(request.limit.as_deref())?,
+        after: parse_cursor(request.cursor.as_deref())?,
+    };
+    let page = store.list_runs(&query).await?;
+    Ok(RunList {
+        runs: page.runs,
+        next_cursor: page.next.map(encode_cursor),
+    })
+}
+
+/// A run's events; an unknown run is not found, a known run may have none yet.
+pub async fn list_events(store: &dyn Store, message_id: &str) -> Result<EventList, QueryError> {
+    let events = store.list_events(message_id).await?;
+    if events.is_empty() && store.get_run(message_id).await?.is_none() {
+        return Err(QueryError::RunNotFound(message_id.to_owned()));
+    }
+    Ok(EventList { events })
+}
+
+fn parse_limit(text: Option<&str>) -> Result<u32, QueryError> {
+    match text {
+        None | Some("") => Ok(DEFAULT_LIMIT),
+        Some(text) => text
+            .parse::<u32>()
+            .ok()
+            .filter(|limit| (1..=MAX_LIMIT).contains(limit))
+            .ok_or_else(|| {
+                QueryError::InvalidRequest(format!(
+                    "limit must be a whole number from 1 to {MAX_LIMIT}"
+                ))
+            }),
+    }
+}
+
+fn parse_cursor(text: Option<&str>) -> Result<Option<RunCursor>, QueryError> {
+    match text {
+        None | Some("") => Ok(None),
+        Some(text) => decode_cursor(text).map(Some).ok_or_else(|| {
+            QueryError::InvalidRequest("cursor is not one this service returned".into())
+        }),
+    }
+}
+
+fn encode_cursor(cursor: RunCursor) -> String {
+    URL_SAFE_NO_PAD.encode(format!("v1:{}", cursor.seq))
+}
+
+fn decode_cursor(text: &str) -> Option<RunCursor> {
+    let bytes = URL_SAFE_NO_PAD.decode(text).ok()?;
+    let text = std::str::from_utf8(&bytes).ok()?;
+    let seq = text.strip_prefix("v1:")?.parse::<i64>().ok()?;
+    Some(RunCursor { seq })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let cursor = RunCursor { seq: 12345 };
+        assert_eq!(decode_cursor(&encode_cursor(cursor)), Some(cursor));
+        assert_eq!(decode_cursor("12345"), None);
+        assert_eq!(decode_cursor("!!"), None);
+        assert_eq!(decode_cursor(&URL_SAFE_NO_PAD.encode("v2:1")), None);
+    }
+
+    #[test]
+    fn limits_default_and_stay_within_bounds() {
+        assert_eq!(parse_limit(None).unwrap(), DEFAULT_LIMIT);
+        assert_eq!(parse_limit(Some("")).unwrap(), DEFAULT_LIMIT);
+        assert_eq!(parse_limit(Some("1")).unwrap(), 1);
+        assert_eq!(parse_limit(Some("500")).unwrap(), MAX_LIMIT);
+        for bad in ["0", "501", "-1", "1.5", "ten", " 5"] {
+            let error = parse_limit(Some(bad)).unwrap_err();
+            assert!(error.to_string().contains("limit"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn an_empty_cursor_is_the_first_page() {
+        assert_eq!(parse_cursor(None).unwrap(), None);
+        assert_eq!(parse_cursor(Some("")).unwrap(), None);
+        let cursor = RunCursor { seq: 7 };
+        assert_eq!(
+            parse_cursor(Some(&encode_cursor(cursor))).unwrap(),
+            Some(cursor)
+        );
+        assert!(parse_cursor(Some("garbage"))
+            .unwrap_err()
+            .to_string()
+            .contains("cursor"));
+    }
+}
