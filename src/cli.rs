@@ -115,7 +115,10 @@ pub fn sign(args: SignArgs) -> anyhow::Result<()> {
                 .context("cannot read stdin")?;
         }
     }
-    println!("{}", crate::callbacks::signature::sign(secret.as_bytes(), &body));
+    println!(
+        "{}",
+        crate::callbacks::signature::sign(secret.as_bytes(), &body)
+    );
     Ok(())
 }
 

@@ -5,14 +5,14 @@
 
 /// `Application::build`: listener, router, middleware stack, graceful shutdown.
 pub mod app;
+/// Receiving callbacks: signature, payload, group-committed ingest.
+pub mod callbacks;
 /// Command-line definitions and the subcommands that need no server.
 pub mod cli;
 /// Layered settings: defaults < config files < environment; secrets as `SecretString`.
 pub mod config;
 /// `ApiError`: every error answer as `{"error", "message"}` with its status.
 pub mod error;
-/// Receiving callbacks: signature, payload, group-committed ingest.
-pub mod callbacks;
 /// HTTP handlers, one file per surface.
 pub mod http;
 /// `nen-relay bench`: a bounded load generator with a loss check.

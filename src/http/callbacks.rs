@@ -24,13 +24,7 @@ pub async fn receive(
     body: Body,
 ) -> Result<Json<Acknowledgement>, ApiError> {
     let limits = &state.settings.webhook;
-    let body = read_body(
-        &headers,
-        body,
-        limits.max_body_bytes,
-        limits.body_timeout,
-    )
-    .await;
+    let body = read_body(&headers, body, limits.max_body_bytes, limits.body_timeout).await;
     let receiver = Receiver {
         keys: &state.webhook_keys,
         ingest: &state.ingest,
