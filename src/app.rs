@@ -4,16 +4,14 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::error_handling::HandleErrorLayer;
-use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderName, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderName;
+use axum::middleware;
 use axum::routing::{get, post};
-use axum::{BoxError, Router};
+use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -26,16 +24,17 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 use tracing::Level;
 
-use crate::config::Settings;
-use crate::error::ApiError;
-use crate::http::auth::{self, ApiTokens};
-use crate::http::{callbacks, ops, runs, AppState};
 use crate::callbacks::ingest::{Ingest, Writers};
-use crate::nen::NenClient;
 use crate::callbacks::signature::WebhookKeys;
+use crate::config::Settings;
+use crate::http::auth::{self, ApiTokens};
+use crate::http::middleware::{
+    log_server_errors, make_span, method_not_allowed, not_found, overloaded, panic_response,
+    record_request_metrics, REQUEST_ID,
+};
+use crate::http::{callbacks, ops, runs, AppState};
+use crate::nen::NenClient;
 use crate::store::{self, Store};
-
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// A built service: listening, but not yet serving.
 pub struct Application {
@@ -211,6 +210,8 @@ pub fn router(state: AppState) -> Router {
                         .on_failure(()),
                 )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                // Inside the span, outside the panic and load-shed layers: their 5xx are logged too.
+                .layer(middleware::from_fn(log_server_errors))
                 .layer(CatchPanicLayer::custom(panic_response))
                 // Beyond this many requests at once, answer 503 at once instead of queueing:
                 // memory stays bounded under a flood, and Nen retries.
@@ -220,63 +221,4 @@ pub fn router(state: AppState) -> Router {
         )
         // Outermost, so that requests shed by the in-flight limit are counted too.
         .layer(middleware::from_fn(record_request_metrics))
-}
-
-/// One span per request, named by the matched route (low cardinality), with the request id.
-fn make_span(request: &Request) -> tracing::Span {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str)
-        .unwrap_or("unmatched");
-    let request_id = request
-        .headers()
-        .get(REQUEST_ID)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or("");
-    tracing::info_span!("request", method = %request.method(), route, request_id)
-}
-
-async fn record_request_metrics(request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = request.method().clone();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|path| path.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let response = next.run(request).await;
-    crate::metrics::record_request(
-        method.as_str(),
-        &route,
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
-    response
-}
-
-async fn not_found() -> ApiError {
-    ApiError::NotFound("no such endpoint".into())
-}
-
-async fn method_not_allowed() -> impl IntoResponse {
-    (
-        StatusCode::METHOD_NOT_ALLOWED,
-        axum::Json(serde_json::json!({
-            "error": "method_not_allowed",
-            "message": "this endpoint does not accept that method"
-        })),
-    )
-}
-
-async fn overloaded(error: BoxError) -> ApiError {
-    if error.is::<tower::load_shed::error::Overloaded>() {
-        ApiError::Unavailable("too many requests in flight".into())
-    } else {
-        ApiError::Internal(error.to_string())
-    }
-}
-
-fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    ApiError::Internal("a request handler panicked".into()).into_response()
 }

@@ -1,7 +1,9 @@
 //! `ApiError`: every error answer as `{"error": "<code>", "message": "<text>"}` with its status.
 //!
 //! 4xx answers carry a message meant for the caller. 5xx answers carry a fixed message; the
-//! detail goes to the log, never to the body, so nothing internal (or secret) leaks.
+//! detail rides along in the response's extensions as a [`ServerErrorDetail`], which the
+//! request middleware logs inside the request's span (route, request id) and then drops, so
+//! nothing internal (or secret) reaches the body.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -26,6 +28,8 @@ pub enum ApiError {
     Unauthorized,
     #[error("{0}")]
     NotFound(String),
+    #[error("this endpoint does not accept that method")]
+    MethodNotAllowed,
     #[error("{0}")]
     InvalidRequest(String),
     #[error("this Idempotency-Key was already used with a different request")]
@@ -68,6 +72,7 @@ impl ApiError {
             ApiError::InvalidPayload(_) | ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::IdempotencyConflict | ApiError::IdempotencyInProgress => StatusCode::CONFLICT,
             ApiError::NotConfigured(_) | ApiError::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -87,6 +92,7 @@ impl ApiError {
             ApiError::RequestTimeout => "request_timeout",
             ApiError::Unauthorized => "unauthorized",
             ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::InvalidRequest(_) => "invalid_request",
             ApiError::IdempotencyConflict => "idempotency_conflict",
             ApiError::IdempotencyInProgress => "idempotency_in_progress",
@@ -168,24 +174,25 @@ impl From<crate::callbacks::CallbackError> for ApiError {
     }
 }
 
+/// Why a request got a 5xx answer, for the log only. The middleware in `http::middleware`
+/// takes it out of the response and logs it; it never reaches the client.
+#[derive(Debug, Clone)]
+pub struct ServerErrorDetail {
+    pub code: &'static str,
+    pub detail: String,
+    /// Answered so that the caller retries (an outage, a flood, a missing setting): logged as
+    /// a warning rather than an error.
+    pub expected: bool,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        // The detail stays in the log; the body says only what the caller can act on.
-        match &self {
-            // Expected during an outage or a flood, and answered so that the caller retries.
-            ApiError::Unavailable(_) | ApiError::NotConfigured(_) => {
-                tracing::warn!(error.code = self.code(), error.detail = %self, "request not served")
-            }
-            _ if status.is_server_error() => {
-                tracing::error!(error.code = self.code(), error.detail = %self, "request failed")
-            }
-            _ => {}
-        }
         let (nen_status, nen_error) = match &self {
             ApiError::NenRejected { status, nen_error } => (Some(status.as_u16()), Some(nen_error)),
             _ => (None, None),
         };
+        // The body says only what the caller can act on; the detail stays for the log.
         let body = ErrorBody {
             error: self.code(),
             message: self.public_message(),
@@ -207,7 +214,19 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static("Bearer realm=\"nen-relay\""),
                 );
             }
+            // The body was refused unread: the connection cannot carry another request, and
+            // saying so stops a keep-alive client from reusing it while it closes.
+            ApiError::PayloadTooLarge { .. } => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             _ => {}
+        }
+        if status.is_server_error() {
+            response.extensions_mut().insert(ServerErrorDetail {
+                code: self.code(),
+                detail: self.to_string(),
+                expected: matches!(self, ApiError::Unavailable(_) | ApiError::NotConfigured(_)),
+            });
         }
         response
     }

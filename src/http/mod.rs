@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod callbacks;
 pub mod extract;
+pub mod middleware;
 pub mod ops;
 pub mod runs;
 

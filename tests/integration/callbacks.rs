@@ -88,6 +88,11 @@ async fn checks_run_in_spec_order(db: TestDatabase) {
     );
     let response = app.deliver_with(big.as_bytes(), Some("sha256=00")).await;
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // The body was refused unread, so the connection is not reused for another request.
+    assert_eq!(
+        response.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
     assert_eq!(error_code(response).await, "payload_too_large");
     let response = app.deliver(&big).await;
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);

@@ -22,7 +22,7 @@ use tokio::sync::{oneshot, Semaphore};
 
 use crate::on_both_backends;
 use crate::support::app::{callback, error_code};
-use crate::support::{TestApp, TestDatabase};
+use crate::support::{logs, TestApp, TestDatabase};
 
 /// Passes every call to `inner`, except that the first batch waits for `open`, and that
 /// `fail_batches` makes every batch fail the way an unreachable database does.
@@ -312,6 +312,27 @@ async fn when_the_store_fails_every_callback_is_answered_503_and_none_acknowledg
     for id in &ids {
         assert!(real.get_run(id).await.unwrap().is_none());
     }
+    // The reason goes to the log, inside the request's span, and never into the body.
+    let request_id = unique("request");
+    let response = app
+        .client
+        .post(app.url("/webhooks/nen"))
+        .header("x-request-id", &request_id)
+        .header("x-hmac-signature", app.signature(bodies[0].as_bytes()))
+        .body(bodies[0].clone())
+        .send()
+        .await
+        .expect("the app answers");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = response.text().await.unwrap();
+    assert!(!body.contains("down"), "the detail reached the body: {body}");
+    let logged = logs::captured();
+    assert!(
+        logged.lines().any(|line| line.contains(&request_id)
+            && line.contains("request not served")
+            && line.contains("down")),
+        "no log line names the request and the reason"
+    );
 }
 
 async fn a_repeat_of_a_stored_event_and_a_new_status_in_one_batch_are_both_applied(

@@ -164,8 +164,29 @@ async fn no_secret_reaches_the_logs(db: TestDatabase) {
     }
 }
 
+async fn refused_methods_and_unknown_paths_get_the_error_shape(db: TestDatabase) {
+    let app = TestApp::spawn(db).await;
+    let response = app
+        .client
+        .get(app.url("/webhooks/nen"))
+        .send()
+        .await
+        .expect("the app answers");
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(error_code(response).await, "method_not_allowed");
+    let response = app
+        .client
+        .get(app.url("/nowhere"))
+        .send()
+        .await
+        .expect("the app answers");
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(response).await, "not_found");
+}
+
 on_both_backends!(
     health_readiness_and_metrics_need_no_token,
+    refused_methods_and_unknown_paths_get_the_error_shape,
     every_response_carries_a_request_id,
     shutdown_lets_an_in_flight_callback_finish,
     no_secret_reaches_the_logs,
