@@ -2,7 +2,7 @@
 //! group-committed, deduplicated storage.
 //!
 //! [`Receiver::receive`] takes one callback from its body to its acknowledgement, in the order
-//! the contract fixes:
+//! the README (HTTP API, callbacks) fixes:
 //! 1. a body that could not be read: too large (413), too slow (408);
 //! 2. a signature that is missing, malformed or matches no secret (401), with nothing stored;
 //! 3. a signed body that is not a callback (400), kept as a rejected payload;

@@ -46,7 +46,7 @@ impl fmt::Debug for SecureParams {
     }
 }
 
-/// One `POST /runs`, exactly as Nen receives it (nen-api.md section 1).
+/// One `POST /runs`, exactly as Nen receives it (docs/nen.md, "Starting a run").
 #[derive(Debug, Serialize)]
 pub struct RunRequest<'a> {
     pub workflow_id: &'a str,

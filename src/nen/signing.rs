@@ -1,4 +1,4 @@
-//! Signed requests to Nen (nen-api.md section 3): needed whenever `secure_workflow_params` is sent.
+//! Signed requests to Nen (docs/nen.md, "Signed requests"): needed whenever `secure_workflow_params` is sent.
 //!
 //! The canonical request is built in one place so that, should Nen's exact format turn out to
 //! differ, the correction is a one-line change checked by the test vector below.

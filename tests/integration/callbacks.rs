@@ -1,4 +1,4 @@
-//! `POST /webhooks/nen`: SPEC's order of checks, deduplication, forward-only status.
+//! `POST /webhooks/nen`: the documented order of checks, deduplication, forward-only status.
 
 use std::collections::HashSet;
 

@@ -325,7 +325,10 @@ async fn when_the_store_fails_every_callback_is_answered_503_and_none_acknowledg
         .expect("the app answers");
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body = response.text().await.unwrap();
-    assert!(!body.contains("down"), "the detail reached the body: {body}");
+    assert!(
+        !body.contains("down"),
+        "the detail reached the body: {body}"
+    );
     let logged = logs::captured();
     assert!(
         logged.lines().any(|line| line.contains(&request_id)

@@ -1,5 +1,5 @@
-//! Hostile input on `POST /webhooks/nen`: every request of a corpus gets the status SPEC.md (or
-//! docs/failure-modes.md, where SPEC leaves it open) fixes, nothing unsigned is stored, the
+//! Hostile input on `POST /webhooks/nen`: every request of a corpus gets the status the README (or
+//! docs/failure-modes.md, where the README leaves it open) fixes, nothing unsigned is stored, the
 //! server keeps answering, and memory stays bounded.
 //!
 //! Each test runs the real binary as a child process, so that the memory measured is that of

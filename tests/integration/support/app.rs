@@ -196,7 +196,7 @@ pub fn callback(message_id: &str, status: &str, extra: Value) -> String {
     body.to_string()
 }
 
-/// An error answer's `error` code, after checking the shape SPEC.md fixes.
+/// An error answer's `error` code, after checking the shape every error answer has.
 pub async fn error_code(response: Response) -> String {
     let body: Value = response.json().await.expect("an error body in JSON");
     assert!(body["message"].is_string(), "error without message: {body}");
