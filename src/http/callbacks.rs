@@ -3,8 +3,7 @@
 //! The handler reads the body (refusing an oversized one before reading it when its length is
 //! declared) within the body timeout, picks the signature header, and hands both to
 //! `callbacks::Receiver`, which answers in the order the README's HTTP API section fixes:
-//! 413, 401, 400, 503, then 200
-//! after the commit.
+//! 413, 401, 400, 503, then 200 after the commit.
 
 use std::time::Duration;
 
