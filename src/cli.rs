@@ -35,10 +35,6 @@ pub enum Command {
     Sign(SignArgs),
     /// Exit 0 when the local server answers GET /healthz (for container health checks).
     Healthcheck(HealthcheckArgs),
-    /// Run a stand-in for Nen's API that calls back like Nen does.
-    FakeNen(crate::nen::fake::FakeNenArgs),
-    /// Drive signed callbacks at a server and check that none was lost.
-    Bench(crate::loadgen::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -115,7 +111,10 @@ pub fn sign(args: SignArgs) -> anyhow::Result<()> {
                 .context("cannot read stdin")?;
         }
     }
-    println!("{}", crate::callbacks::signature::sign(secret.as_bytes(), &body));
+    println!(
+        "{}",
+        crate::callbacks::signature::sign(secret.as_bytes(), &body)
+    );
     Ok(())
 }
 

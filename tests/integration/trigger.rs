@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use nen_relay::nen::fake::{FakeNen, FakeNenOptions};
+use fake_nen::{FakeNen, FakeNenOptions};
 use nen_relay::nen::signing;
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
