@@ -1,5 +1,7 @@
 //! `fake-nen`: runs the stand-in for Nen's API on its own, for demos and manual tests.
 
+mod guard;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -8,7 +10,8 @@ use clap::Parser;
 use fake_nen::{FakeNen, FakeNenOptions};
 use tracing_subscriber::EnvFilter;
 
-/// A stand-in for Nen's API that calls back like Nen does.
+/// A stand-in for Nen's API that calls back like Nen does. Never for production: it refuses to
+/// run when NEN_RELAY_ENV=production.
 #[derive(Debug, Parser)]
 #[command(name = "fake-nen", version)]
 struct Args {
@@ -69,7 +72,12 @@ impl Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match serve(Args::parse()).await {
+    let args = Args::parse();
+    if let Some(reason) = guard::refusal(std::env::var_os("NEN_RELAY_ENV").as_deref()) {
+        eprintln!("error: {reason}");
+        return ExitCode::FAILURE;
+    }
+    match serve(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
