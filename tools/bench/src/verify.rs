@@ -5,7 +5,7 @@
 //! `(message_id, status)`, whose `duplicates` counter covers every acknowledged repeat.
 
 use anyhow::Context;
-use futures::stream::{self, StreamExt};
+use futures_util::stream::{self, StreamExt};
 use serde::Deserialize;
 
 use crate::mix::Mix;
