@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 
 # Build stages: cargo-chef caches the dependency build in its own layer, so a source change
-# rebuilds only nen-relay itself.
+# rebuilds only nen-relay itself. The repository is a Cargo workspace: the recipe holds every
+# member's manifest (tools/* too, or cargo cannot load the workspace), but only the nen-relay
+# binary and its own dependencies are built, and only it is shipped.
 FROM rust:1.95-slim-bookworm AS chef
 RUN cargo install cargo-chef --locked --version 0.1.78
 WORKDIR /build
@@ -12,7 +14,7 @@ RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS builder
 COPY --from=planner /build/recipe.json recipe.json
-RUN cargo chef cook --release --locked --recipe-path recipe.json
+RUN cargo chef cook --release --locked --recipe-path recipe.json --bin nen-relay
 COPY . .
 RUN cargo build --release --locked --bin nen-relay \
     && mkdir -p /staging/var/lib/nen-relay

@@ -3,6 +3,8 @@
 # loss check: exits non-zero if any callback answered 200 is missing or stored twice.
 #
 #   bench/ci-smoke.sh [path/to/nen-relay]     (default: target/release/nen-relay, else target/debug)
+# The load generator is nen-relay-bench from the same directory (cargo build --workspace builds
+# both), or BENCH_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -14,6 +16,8 @@ if [[ -z $BIN ]]; then
   [[ -x $BIN ]] || BIN=target/debug/nen-relay
 fi
 [[ -x $BIN ]] || { echo "no nen-relay binary at $BIN; run cargo build first" >&2; exit 2; }
+BENCH=${BENCH_BIN:-$(dirname "$BIN")/nen-relay-bench}
+[[ -x $BENCH ]] || { echo "no nen-relay-bench at $BENCH; run cargo build --workspace first" >&2; exit 2; }
 
 port=$(free_port)
 secret="whsec-smoke-$RANDOM$RANDOM"
@@ -27,7 +31,7 @@ server=$LAST_PID
 wait_for "http://127.0.0.1:$port/readyz" || { cat "$workdir/server.log" >&2; exit 1; }
 
 status=0
-"$BIN" bench --url "http://127.0.0.1:$port" --connections 16 --duration 8 --requests 40000 || status=$?
+"$BENCH" --url "http://127.0.0.1:$port" --connections 16 --duration 8 --requests 40000 || status=$?
 if ! kill -0 "$server" 2>/dev/null; then
   echo "nen-relay died during the smoke run:" >&2
   cat "$workdir/server.log" >&2

@@ -17,12 +17,14 @@ trap cleanup EXIT
 SECONDS_EACH=${BENCH_SECONDS:-15}
 CONNECTIONS=${BENCH_CONNECTIONS:-"16 64"}
 BIN=target/release/nen-relay
+BENCH=target/release/nen-relay-bench
 for tool in pgbench psql node curl python3; do
   command -v "$tool" >/dev/null || { echo "compare.sh needs $tool" >&2; exit 2; }
 done
-if [[ ! -x $BIN || -n $(find src migrations Cargo.toml Cargo.lock -newer "$BIN" -print -quit) ]]; then
-  log "building the release binary"
-  cargo build --release --quiet
+stale() { [[ ! -x $1 || -n $(find src migrations tools Cargo.toml Cargo.lock -newer "$1" -print -quit) ]]; }
+if stale "$BIN" || stale "$BENCH"; then
+  log "building the release binaries"
+  cargo build --release --locked --quiet -p nen-relay -p nen-relay-bench
 fi
 if [[ ! -d bench/reference-node/node_modules ]]; then
   log "installing the reference receiver's dependencies"
@@ -51,10 +53,10 @@ DATABASE_URL=$node_db PORT=$node_port start_background "$workdir/node.log" node 
 node_pid=$LAST_PID
 wait_for "http://127.0.0.1:$node_port/healthz"
 
-# bench prints a JSON line last; keep it.
+# nen-relay-bench prints a JSON line last; keep it.
 bench_json() {
   local output
-  output=$("$BIN" bench --json --duration "$SECONDS_EACH" "$@" 2>"$workdir/bench.err") || {
+  output=$("$BENCH" --json --duration "$SECONDS_EACH" "$@" 2>"$workdir/bench.err") || {
     cat "$workdir/bench.err" >&2
     printf '%s\n' "$output" >&2
     log "bench failed: $*; server logs in $workdir"

@@ -35,10 +35,6 @@ pub enum Command {
     Sign(SignArgs),
     /// Exit 0 when the local server answers GET /healthz (for container health checks).
     Healthcheck(HealthcheckArgs),
-    /// Run a stand-in for Nen's API that calls back like Nen does.
-    FakeNen(crate::nen::fake::FakeNenArgs),
-    /// Drive signed callbacks at a server and check that none was lost.
-    Bench(crate::loadgen::BenchArgs),
 }
 
 #[derive(Debug, Args)]

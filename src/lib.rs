@@ -15,11 +15,9 @@ pub mod config;
 pub mod error;
 /// HTTP handlers, one file per surface.
 pub mod http;
-/// `nen-relay bench`: a bounded load generator with a loss check.
-pub mod loadgen;
 /// Metric names and the helpers that record them.
 pub mod metrics;
-/// Talking to Nen: the outbound client, request signing, and a stand-in for tests and demos.
+/// Talking to Nen: the outbound client and request signing.
 pub mod nen;
 /// Runs: status order, starting runs on Nen, idempotency, queries.
 pub mod runs;

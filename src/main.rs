@@ -23,8 +23,6 @@ fn main() -> ExitCode {
             Command::Migrate => nen_relay::cli::migrate().await,
             Command::Sign(args) => nen_relay::cli::sign(args),
             Command::Healthcheck(args) => nen_relay::cli::healthcheck(args).await,
-            Command::FakeNen(args) => nen_relay::nen::fake::run(args).await,
-            Command::Bench(args) => nen_relay::loadgen::run(args).await,
         }
     });
     match outcome {

@@ -1,7 +1,7 @@
-//! Talking to Nen: the outbound client, request signing, and a stand-in for tests and demos.
+//! Talking to Nen: the outbound client and request signing. The stand-in for Nen used by tests
+//! and demos is the `fake-nen` tool (tools/fake-nen).
 
 pub mod client;
-pub mod fake;
 pub mod signing;
 
 pub use client::{

@@ -696,8 +696,14 @@ async fn walk(store: &Arc<dyn Store>, mut query: RunQuery) -> Vec<String> {
 async fn pagination_walks_every_run_once_newest_first(db: TestDatabase) {
     const RUNS: usize = 137;
     let store = open(&db).await;
-    let workflow = |n: usize| if n % 3 == 0 { "wf-a" } else { "wf-b" };
-    let status = |n: usize| if n % 2 == 0 { "success" } else { "processing" };
+    let workflow = |n: usize| if n.is_multiple_of(3) { "wf-a" } else { "wf-b" };
+    let status = |n: usize| {
+        if n.is_multiple_of(2) {
+            "success"
+        } else {
+            "processing"
+        }
+    };
     let name = |n: usize| format!("m-page-{n:03}");
     let all: Vec<usize> = (0..RUNS).collect();
     // Several batches, oldest first.

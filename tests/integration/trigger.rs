@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use fake_nen::{FakeNen, FakeNenOptions};
 use nen_relay::app::Application;
 use nen_relay::config::{Environment, Settings};
-use nen_relay::nen::fake::{FakeNen, FakeNenOptions};
 use nen_relay::nen::signing;
 use nen_relay::store::{
     self, ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,

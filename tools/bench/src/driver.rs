@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::Barrier;
 
-use super::mix::Mix;
+use crate::mix::Mix;
 
 /// A request that got no HTTP answer (connection refused, reset, timed out).
 pub const NO_ANSWER: u16 = 0;

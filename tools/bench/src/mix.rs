@@ -12,7 +12,7 @@ use http::HeaderValue;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::callbacks::signature::sign;
+use crate::signature::sign;
 
 /// Share of requests that repeat an earlier callback.
 const REPEAT_SHARE: f64 = 0.2;
@@ -53,7 +53,7 @@ impl Mix {
             sequence: Vec::with_capacity(requests),
         };
         let mut in_progress: VecDeque<u32> = VecDeque::with_capacity(RUNS_IN_PROGRESS + 1);
-        let expires_at = chrono::Utc::now().timestamp() + 7 * 24 * 3600;
+        let expires_at = unix_now() + 7 * 24 * 3600;
         while mix.sequence.len() < requests {
             if !mix.callbacks.is_empty() && rng.random_bool(REPEAT_SHARE) {
                 let recent = mix.callbacks.len().min(REPEAT_WINDOW);
@@ -95,7 +95,15 @@ impl Mix {
     }
 }
 
-/// A callback body shaped like Nen's (see docs/nen-api.md).
+/// Seconds since the Unix epoch, as Nen writes `expires_at`.
+fn unix_now() -> i64 {
+    let elapsed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is past 1970");
+    i64::try_from(elapsed.as_secs()).expect("seconds since 1970 fit in i64")
+}
+
+/// A callback body shaped like Nen's.
 fn body(message_id: &str, status: &str, expires_at: i64, rng: &mut StdRng) -> String {
     let workflow_id = "6f1c2d3e-4b5a-4c7d-8e9f-0a1b2c3d4e5f";
     match status {
@@ -137,10 +145,19 @@ mod tests {
             } else {
                 assert!(started[callback.run as usize], "terminal before processing");
             }
-            let text = std::str::from_utf8(&callback.body).unwrap();
-            let parsed = crate::callbacks::payload::parse_callback(text.as_bytes()).unwrap();
-            assert_eq!(parsed.status, callback.status);
-            assert_eq!(parsed.message_id, mix.runs[callback.run as usize]);
+            // What the service requires of a callback: a JSON object whose `message_id` and
+            // `status` are strings; and a signature over exactly these bytes.
+            let parsed: serde_json::Value = serde_json::from_slice(&callback.body).unwrap();
+            assert_eq!(parsed["status"].as_str(), Some(callback.status));
+            assert_eq!(
+                parsed["message_id"].as_str(),
+                Some(mix.runs[callback.run as usize].as_str())
+            );
+            assert!(parsed["workflow_id"].is_string() && parsed["expires_at"].is_i64());
+            assert_eq!(
+                callback.signature.to_str().unwrap(),
+                sign(b"secret", &callback.body)
+            );
         }
         assert!((800..1200).contains(&repeats), "{repeats} repeats");
         assert!(mix.callbacks.iter().any(|c| c.status == "failed"));

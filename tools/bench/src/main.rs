@@ -1,20 +1,25 @@
-//! `nen-relay bench`: a bounded load generator with a loss check.
+//! `nen-relay-bench`: a bounded load generator for nen-relay, with a loss check.
 //!
 //! It signs every callback before the clock starts (it shares the machine with the server), sends
 //! them over a fixed set of keep-alive connections for a bounded time or count, prints
 //! throughput and latency, and then checks through the query API that every callback answered
 //! 200 was stored exactly once. Only loopback targets are accepted.
+//!
+//! It speaks to the service only over HTTP, as Nen and the service's clients do, and shares no
+//! code with it.
 
 mod driver;
 mod mix;
+mod signature;
 mod verify;
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Args;
+use clap::Parser;
 use http::HeaderValue;
 use serde_json::json;
 
@@ -27,48 +32,61 @@ const MAX_PRESIGNED: usize = 2_000_000;
 /// answers, so that time, not the supply, ends the run.
 const PRESIGNED_PER_SECOND: f64 = 80_000.0;
 
-/// Options of `nen-relay bench`.
-#[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
+/// Drive signed callbacks at a nen-relay on this machine and check that none was lost.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "nen-relay-bench", version)]
+struct Args {
     /// Base URL of the server; must be loopback (127.0.0.1, localhost or [::1]).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
-    pub url: String,
+    url: String,
     /// Keep-alive connections, each sending its next request when the previous one is answered.
     #[arg(long, default_value_t = 64)]
-    pub connections: usize,
+    connections: usize,
     /// Seconds to send for (the run also ends when --requests are sent).
     #[arg(long, default_value_t = 10.0)]
-    pub duration: f64,
+    duration: f64,
     /// Requests to send at most (signed in advance). Default: enough for --duration.
     #[arg(long)]
-    pub requests: Option<usize>,
+    requests: Option<usize>,
     /// Webhook secret to sign with. Default: the first of NEN_WEBHOOK_SECRETS.
     #[arg(long)]
-    pub secret: Option<String>,
+    secret: Option<String>,
     /// Bearer token for the loss check. Default: the first of NEN_RELAY_API_TOKENS.
     #[arg(long)]
-    pub token: Option<String>,
+    token: Option<String>,
     /// Sign with a wrong secret: measures the 401 path (nothing is stored, nothing verified).
     #[arg(long)]
-    pub bad_signatures: bool,
+    bad_signatures: bool,
     /// Skip the loss check.
     #[arg(long)]
-    pub no_verify: bool,
+    no_verify: bool,
     /// Check at most this many runs (spread evenly) instead of all of them.
     #[arg(long)]
-    pub verify_limit: Option<usize>,
+    verify_limit: Option<usize>,
     /// Seed of the callback mix.
     #[arg(long, default_value_t = 1)]
-    pub seed: u64,
+    seed: u64,
     /// A request not answered within this many milliseconds counts as unanswered.
     #[arg(long, default_value_t = 10_000)]
-    pub timeout_ms: u64,
+    timeout_ms: u64,
     /// Also print the figures as one JSON line (last line of the output).
     #[arg(long)]
-    pub json: bool,
+    json: bool,
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line: the reason, with its causes joined.
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.connections > 0, "--connections must be positive");
     anyhow::ensure!(
         args.duration > 0.0 && args.duration <= 3600.0,

@@ -1,15 +1,19 @@
-//! `nen-relay fake-nen`: a stand-in for Nen's `POST /runs` that calls back like Nen does.
+//! fake-nen: a stand-in for Nen's `POST /runs` that calls back like Nen does.
 //!
 //! It checks `x-api-key`, insists on a signed request when `secure_workflow_params` are sent
-//! (nen-api.md section 3), answers 202 with a fresh `messageId`, then POSTs signed callbacks to
+//! (as Nen does), answers 202 with a fresh `messageId`, then POSTs signed callbacks to
 //! the run's `webhook_callback`: `processing`, then `success` or `failed`. Options make it
 //! misbehave the ways Nen may: repeated callbacks, callbacks out of order, and callbacks that
-//! arrive before the 202 does. [`FakeNen`] runs the same thing inside a test process.
+//! arrive before the 202 does. [`FakeNen`] runs it inside a test process; the `fake-nen` binary
+//! runs it on its own. It shares no code with nen-relay, so that it checks the service against
+//! Nen's documented behaviour rather than against the service's own reading of it.
+
+mod signing;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use axum::body::Bytes;
@@ -18,52 +22,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use clap::Args;
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use super::signing;
-use crate::callbacks::signature::sign;
-
-/// Options of `nen-relay fake-nen`.
-#[derive(Debug, Clone, Args)]
-pub struct FakeNenArgs {
-    /// Address to listen on.
-    #[arg(long, env = "FAKE_NEN_BIND", default_value = "127.0.0.1:8090")]
-    pub bind: SocketAddr,
-    /// The only `x-api-key` accepted. Without it, any non-empty key is accepted.
-    #[arg(long, env = "NEN_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-    /// Key that signed requests (secure params) must be signed with. Without it, only the
-    /// presence of `x-timestamp` and `x-signature` is checked.
-    #[arg(long, env = "NEN_SIGNING_KEY", hide_env_values = true)]
-    pub signing_key: Option<String>,
-    /// Secret that signs the callbacks (`X-Hmac-Signature`). From NEN_WEBHOOK_SECRETS, the
-    /// first of the list is used. Without it, callbacks go out unsigned.
-    #[arg(long, env = "NEN_WEBHOOK_SECRETS", hide_env_values = true)]
-    pub webhook_secret: Option<String>,
-    /// Wait between the 202 and the `processing` callback.
-    #[arg(long, default_value_t = 200)]
-    pub processing_delay_ms: u64,
-    /// Wait between `processing` and the final callback.
-    #[arg(long, default_value_t = 1000)]
-    pub result_delay_ms: u64,
-    /// Share of runs that end `failed` (0.0 to 1.0). A run whose workflow_params hold
-    /// `"FAKE_NEN_OUTCOME": "failed"` (or `"success"`) ends that way regardless.
-    #[arg(long, default_value_t = 0.0)]
-    pub fail_ratio: f64,
-    /// Send every callback twice (delivery is at-least-once).
-    #[arg(long)]
-    pub duplicate: bool,
-    /// Send the final callback before `processing`.
-    #[arg(long)]
-    pub reorder: bool,
-    /// Send all callbacks before answering 202 (the trigger/callback race).
-    #[arg(long)]
-    pub callback_first: bool,
-}
+use signing::{callback_signature, request_signature};
 
 /// How the stand-in behaves.
 #[derive(Debug, Clone, Default)]
@@ -77,26 +41,6 @@ pub struct FakeNenOptions {
     pub duplicate: bool,
     pub reorder: bool,
     pub callback_first: bool,
-}
-
-impl From<&FakeNenArgs> for FakeNenOptions {
-    fn from(args: &FakeNenArgs) -> Self {
-        Self {
-            api_key: args.api_key.clone().filter(|key| !key.is_empty()),
-            signing_key: args.signing_key.clone().filter(|key| !key.is_empty()),
-            webhook_secret: args
-                .webhook_secret
-                .as_deref()
-                .and_then(|list| list.split(',').map(str::trim).find(|s| !s.is_empty()))
-                .map(str::to_owned),
-            processing_delay: Duration::from_millis(args.processing_delay_ms),
-            result_delay: Duration::from_millis(args.result_delay_ms),
-            fail_ratio: args.fail_ratio.clamp(0.0, 1.0),
-            duplicate: args.duplicate,
-            reorder: args.reorder,
-            callback_first: args.callback_first,
-        }
-    }
 }
 
 /// One `POST /runs` the stand-in received, and its answer.
@@ -183,19 +127,6 @@ impl FakeNen {
     pub fn callbacks(&self) -> Vec<SentCallback> {
         self.shared.journal.lock().unwrap().callbacks.clone()
     }
-}
-
-/// `nen-relay fake-nen`: serves until Ctrl-C.
-pub async fn run(args: FakeNenArgs) -> anyhow::Result<()> {
-    crate::telemetry::init_tracing(crate::config::LogFormat::Pretty);
-    let options = FakeNenOptions::from(&args);
-    if options.webhook_secret.is_none() {
-        tracing::warn!("no --webhook-secret (or NEN_WEBHOOK_SECRETS): callbacks go out unsigned");
-    }
-    let fake = FakeNen::start(args.bind, options).await?;
-    tracing::info!(address = %fake.address(), "fake Nen listening: POST {}/runs", fake.url());
-    tokio::signal::ctrl_c().await?;
-    Ok(())
 }
 
 fn nen_error(status: StatusCode, error: &str, message: &str) -> Response {
@@ -290,7 +221,10 @@ async fn deliver(shared: &Shared, target: &str, body: &str) -> u16 {
             .header("content-type", "application/json")
             .body(body.to_owned());
         if let Some(secret) = &shared.options.webhook_secret {
-            request = request.header("X-Hmac-Signature", sign(secret.as_bytes(), body.as_bytes()));
+            request = request.header(
+                "X-Hmac-Signature",
+                callback_signature(secret.as_bytes(), body.as_bytes()),
+            );
         }
         match request.send().await {
             Ok(response) => {
@@ -388,7 +322,7 @@ fn check_signature(
     };
     let fresh = timestamp
         .parse::<i64>()
-        .is_ok_and(|seconds| (chrono::Utc::now().timestamp() - seconds).abs() <= 300);
+        .is_ok_and(|seconds| (unix_now() - seconds).abs() <= 300);
     if !fresh {
         return Some(nen_error(
             StatusCode::UNAUTHORIZED,
@@ -396,7 +330,7 @@ fn check_signature(
             "x-timestamp is missing or outside the 5-minute tolerance.",
         ));
     }
-    let expected = signing::signature(signing_key.as_bytes(), &timestamp, body);
+    let expected = request_signature(signing_key.as_bytes(), &timestamp, body);
     if !bool::from(expected.as_bytes().ct_eq(signature.as_bytes())) {
         return Some(nen_error(
             StatusCode::UNAUTHORIZED,
@@ -415,7 +349,7 @@ fn callbacks(
     params: &serde_json::Map<String, Value>,
 ) -> Vec<(String, String)> {
     let options = &shared.options;
-    let expires_at = chrono::Utc::now().timestamp() + 3600;
+    let expires_at = unix_now() + 3600;
     let fails = match params.get("FAKE_NEN_OUTCOME").and_then(Value::as_str) {
         Some("failed") => true,
         Some("success") => false,
@@ -461,4 +395,12 @@ fn callbacks(
     } else {
         vec![processing, terminal]
     }
+}
+
+/// Seconds since the Unix epoch, as Nen writes timestamps.
+fn unix_now() -> i64 {
+    let elapsed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is past 1970");
+    i64::try_from(elapsed.as_secs()).expect("seconds since 1970 fit in i64")
 }
