@@ -619,7 +619,6 @@ fn variables_that_are_not_settings_are_left_alone() {
     let settings = local_with(&[
         ("NEN_RELAY_ENV", "local"),
         ("NEN_RELAY_CONFIG_DIR", "/somewhere"),
-        ("NEN_RELAY_REQUIRE_POSTGRES", "1"),
         (
             "NEN_RELAY_TEST_POSTGRES_URL",
             "postgres://postgres@127.0.0.1/postgres",
