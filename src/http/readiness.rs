@@ -31,7 +31,12 @@ impl Readiness {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self::with_ping(READY_CACHE_FOR, move || {
             let store = store.clone();
-            Box::pin(async move { store.ping().await.map_err(|error| format!("store: {error}")) })
+            Box::pin(async move {
+                store
+                    .ping()
+                    .await
+                    .map_err(|error| format!("store: {error}"))
+            })
         })
     }
 

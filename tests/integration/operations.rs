@@ -138,7 +138,12 @@ async fn odd_request_ids_are_replaced(db: TestDatabase) {
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         let echoed = response.headers()["x-request-id"].as_bytes();
-        assert_ne!(echoed, sent, "{:?} was echoed", String::from_utf8_lossy(sent));
+        assert_ne!(
+            echoed,
+            sent,
+            "{:?} was echoed",
+            String::from_utf8_lossy(sent)
+        );
         assert!(
             nen_relay::http::middleware::is_valid_request_id(echoed),
             "{echoed:?}"
@@ -160,7 +165,10 @@ async fn made_up_methods_share_one_metric_series(db: TestDatabase) {
         assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
     }
     let page = app.metrics().await;
-    assert!(!page.contains("MADEUP"), "a made-up method became a label:\n{page}");
+    assert!(
+        !page.contains("MADEUP"),
+        "a made-up method became a label:\n{page}"
+    );
     let other: Vec<&str> = page
         .lines()
         .filter(|line| line.starts_with(REQUEST_DURATIONS) && line.contains(r#"method="other""#))
@@ -170,7 +178,11 @@ async fn made_up_methods_share_one_metric_series(db: TestDatabase) {
         sample(
             &page,
             REQUEST_DURATIONS,
-            &[("method", "other"), ("route", "/healthz"), ("status", "405")]
+            &[
+                ("method", "other"),
+                ("route", "/healthz"),
+                ("status", "405")
+            ]
         ),
         Some(50.0),
         "{page}"
