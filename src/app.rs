@@ -29,9 +29,10 @@ use crate::callbacks::signature::WebhookKeys;
 use crate::config::Settings;
 use crate::http::auth::{self, ApiTokens};
 use crate::http::middleware::{
-    log_server_errors, make_span, method_not_allowed, not_found, overloaded, panic_response,
-    record_request_metrics, REQUEST_ID,
+    drop_invalid_request_id, log_server_errors, make_span, method_not_allowed, not_found,
+    overloaded, panic_response, record_request_metrics, REQUEST_ID,
 };
+use crate::http::readiness::Readiness;
 use crate::http::{callbacks, ops, runs, AppState};
 use crate::nen::NenClient;
 use crate::store::{self, Store};
@@ -125,6 +126,7 @@ impl Application {
             .header_read_timeout(http.header_read_timeout)
             .keep_alive(true);
         let graceful = GracefulShutdown::new();
+        let upkeep = crate::telemetry::spawn_upkeep();
         tokio::pin!(shutdown);
         tracing::info!(address = %listener.local_addr()?, "nen-relay listening");
         loop {
@@ -165,6 +167,7 @@ impl Application {
         // finish what is queued and stop.
         drop(router);
         writers.drain(shutdown_timeout).await;
+        upkeep.abort();
         tracing::info!("stopped");
         Ok(())
     }
@@ -173,6 +176,7 @@ impl Application {
 /// The whole HTTP surface with its middleware.
 pub fn router(state: AppState) -> Router {
     let max_in_flight = state.settings.http.max_in_flight;
+    let readiness = Arc::new(Readiness::new(state.store.clone()));
     // Everything under /v1, unknown paths included, needs a token: a caller without one learns
     // nothing about which routes exist.
     let v1 = Router::new()
@@ -187,7 +191,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/webhooks/nen", post(callbacks::receive))
         .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
+        .route("/readyz", get(ops::readyz).with_state(readiness))
         .route("/metrics", get(ops::metrics))
         .nest("/v1", v1)
         .fallback(not_found)
@@ -199,6 +203,8 @@ pub fn router(state: AppState) -> Router {
                     axum::http::header::AUTHORIZATION,
                     HeaderName::from_static("x-hmac-signature"),
                 ]))
+                // An incoming id is kept only if it is short and plain; else a new one is made.
+                .map_request(drop_invalid_request_id)
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
                 .layer(
                     TraceLayer::new_for_http()

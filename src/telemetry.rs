@@ -1,6 +1,7 @@
 //! Process-wide telemetry: the tracing subscriber (JSON or pretty) and the Prometheus recorder.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::layer::SubscriberExt;
@@ -55,5 +56,22 @@ pub fn prometheus() -> &'static PrometheusHandle {
         // this library could have done; its recorder then keeps receiving the metrics.
         let _ = metrics::set_global_recorder(recorder);
         handle
+    })
+}
+
+/// How often histogram upkeep runs (it drains the samples recorded since the last run).
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Runs the recorder's upkeep every `UPKEEP_INTERVAL` until the returned task is aborted, so
+/// that histogram samples are folded in even when nobody scrapes `/metrics`.
+pub fn spawn_upkeep() -> tokio::task::JoinHandle<()> {
+    let handle = prometheus();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(UPKEEP_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            handle.run_upkeep();
+        }
     })
 }

@@ -5,6 +5,7 @@ pub mod callbacks;
 pub mod extract;
 pub mod middleware;
 pub mod ops;
+pub mod readiness;
 pub mod runs;
 
 use std::sync::Arc;

@@ -102,6 +102,91 @@ async fn every_response_carries_a_request_id(db: TestDatabase) {
     assert_eq!(propagated.headers()["x-request-id"], "caller-chosen-id");
     assert_eq!(propagated.status(), StatusCode::NOT_FOUND);
     assert_eq!(error_code(propagated).await, "not_found");
+    let longest = format!("A.b_c:d-{}", "9".repeat(120));
+    assert_eq!(longest.len(), 128);
+    let kept = app
+        .client
+        .get(app.url("/healthz"))
+        .header("x-request-id", &longest)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(kept.headers()["x-request-id"], longest.as_str());
+}
+
+/// An incoming id that is too long or holds anything but `[A-Za-z0-9._:-]` is replaced, not
+/// echoed.
+async fn odd_request_ids_are_replaced(db: TestDatabase) {
+    let app = TestApp::spawn(db).await;
+    let too_long = "x".repeat(129);
+    let odd: [&[u8]; 6] = [
+        too_long.as_bytes(),
+        b"has space",
+        b"tab\there",
+        "caf\u{e9}-non-ascii".as_bytes(),
+        b"\xff\xfe",
+        b"slash/and\"quote",
+    ];
+    for sent in odd {
+        let value = reqwest::header::HeaderValue::from_bytes(sent).unwrap();
+        let response = app
+            .client
+            .get(app.url("/healthz"))
+            .header("x-request-id", value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let echoed = response.headers()["x-request-id"].as_bytes();
+        assert_ne!(
+            echoed,
+            sent,
+            "{:?} was echoed",
+            String::from_utf8_lossy(sent)
+        );
+        assert!(
+            nen_relay::http::middleware::is_valid_request_id(echoed),
+            "{echoed:?}"
+        );
+    }
+}
+
+/// Made-up methods all count as `method="other"`: one series, however many there are.
+async fn made_up_methods_share_one_metric_series(db: TestDatabase) {
+    let app = RelayProcess::start(db, &[]).await;
+    for n in 0..50 {
+        let method = reqwest::Method::from_bytes(format!("MADEUP{n}X").as_bytes()).unwrap();
+        let response = app
+            .client
+            .request(method, app.url("/healthz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let page = app.metrics().await;
+    assert!(
+        !page.contains("MADEUP"),
+        "a made-up method became a label:\n{page}"
+    );
+    let other: Vec<&str> = page
+        .lines()
+        .filter(|line| line.starts_with(REQUEST_DURATIONS) && line.contains(r#"method="other""#))
+        .collect();
+    assert_eq!(other.len(), 1, "{other:?}");
+    assert_eq!(
+        sample(
+            &page,
+            REQUEST_DURATIONS,
+            &[
+                ("method", "other"),
+                ("route", "/healthz"),
+                ("status", "405")
+            ]
+        ),
+        Some(50.0),
+        "{page}"
+    );
 }
 
 async fn shutdown_lets_an_in_flight_callback_finish(db: TestDatabase) {
@@ -188,6 +273,8 @@ on_both_backends!(
     health_readiness_and_metrics_need_no_token,
     refused_methods_and_unknown_paths_get_the_error_shape,
     every_response_carries_a_request_id,
+    odd_request_ids_are_replaced,
+    made_up_methods_share_one_metric_series,
     shutdown_lets_an_in_flight_callback_finish,
     no_secret_reaches_the_logs,
 );
