@@ -6,7 +6,7 @@ bin="$(realpath "$1")"
 work="$(mktemp -d)"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 export NEN_RELAY_ENV=production NEN_RELAY_BIND="127.0.0.1:${port}"
-export NEN_WEBHOOK_SECRETS="ci-secret-$RANDOM" NEN_RELAY_API_TOKENS="ci-token-$RANDOM"
+export NEN_WEBHOOK_SECRETS="ci-secret-$RANDOM$RANDOM-long" NEN_RELAY_API_TOKENS="ci-token-$RANDOM$RANDOM-long"
 export DATABASE_URL="sqlite://${work}/relay.db"
 
 if "$bin" healthcheck --timeout 1 2>/dev/null; then

@@ -193,6 +193,10 @@ pub struct TriggerSettings {
     pub store_workflow_params: bool,
     #[serde(with = "humantime_serde")]
     pub idempotency_ttl: Duration,
+    /// The key of the idempotency fingerprint HMAC (`NEN_RELAY_TRIGGER__FINGERPRINT_KEY`).
+    /// Unset: derived from `NEN_API_KEY` (see `runs::idempotency::FingerprintKey`).
+    #[serde(default, deserialize_with = "secret_values::optional")]
+    pub fingerprint_key: Option<SecretString>,
 }
 
 impl Settings {
@@ -271,6 +275,29 @@ impl Settings {
             list.push(secret);
         }
         self.generated = generated;
+
+        if production {
+            require_private_transport("NEN_API_BASE_URL", &self.nen.base_url)?;
+            for (list, name) in [
+                (&self.webhook_secrets, "NEN_WEBHOOK_SECRETS"),
+                (&self.api_tokens, "NEN_RELAY_API_TOKENS"),
+            ] {
+                if list
+                    .iter()
+                    .any(|secret| secret.expose_secret().len() < MIN_SECRET_BYTES)
+                {
+                    return Err(too_short(name));
+                }
+            }
+            if self
+                .trigger
+                .fingerprint_key
+                .as_ref()
+                .is_some_and(|key| key.expose_secret().len() < MIN_SECRET_BYTES)
+            {
+                return Err(too_short("NEN_RELAY_TRIGGER__FINGERPRINT_KEY"));
+            }
+        }
         Ok(self)
     }
 }
@@ -302,6 +329,37 @@ fn bind_from_sources(
     layers::figment(environment, config_dir, &bind_only)?
         .extract_inner_lossy("bind")
         .map_err(layers::describe)
+}
+
+/// The shortest webhook secret, API token or fingerprint key production accepts.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// Names the variable and the minimum only: never the value, nor which item of a list it was.
+fn too_short(name: &str) -> ConfigError {
+    ConfigError::Invalid(format!(
+        "every value of {name} must be at least {MIN_SECRET_BYTES} bytes when NEN_RELAY_ENV=production"
+    ))
+}
+
+/// `https://`, or `http://` to this machine only: anything else would carry the API key in
+/// clear text across a network.
+fn require_private_transport(name: &str, url: &Url) -> Result<(), ConfigError> {
+    if url.scheme() == "https" || is_loopback(url) {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid(format!(
+        "{name} must be an https:// URL when NEN_RELAY_ENV=production (http:// is allowed only to \
+         127.0.0.0/8, ::1 or localhost): it would carry NEN_API_KEY in clear text"
+    )))
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
 }
 
 fn require_http(name: &str, url: &Url) -> Result<(), ConfigError> {

@@ -7,6 +7,10 @@ fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// A webhook secret and an API token long enough for production.
+const SECRET: &str = "whsec-test-0123456789";
+const TOKEN: &str = "token-test-0123456789";
+
 fn no_files() -> PathBuf {
     PathBuf::from("/nonexistent-nen-relay-config")
 }
@@ -55,14 +59,14 @@ fn production_refuses_to_start_without_secrets_and_names_them() {
     let error = Settings::from_sources(
         Environment::Production,
         &no_files(),
-        &vars(&[("NEN_RELAY_API_TOKENS", "t")]),
+        &vars(&[("NEN_RELAY_API_TOKENS", TOKEN)]),
     )
     .unwrap_err();
     assert!(error.to_string().contains("NEN_WEBHOOK_SECRETS"), "{error}");
     let error = Settings::from_sources(
         Environment::Production,
         &no_files(),
-        &vars(&[("NEN_WEBHOOK_SECRETS", "s")]),
+        &vars(&[("NEN_WEBHOOK_SECRETS", SECRET)]),
     )
     .unwrap_err();
     assert!(
@@ -77,15 +81,18 @@ fn lists_are_comma_separated_and_numeric_secrets_stay_strings() {
         Environment::Production,
         &no_files(),
         &vars(&[
-            ("NEN_WEBHOOK_SECRETS", "12345, abc ,"),
-            ("NEN_RELAY_API_TOKENS", "42"),
+            (
+                "NEN_WEBHOOK_SECRETS",
+                "1234567890123456, abcdefghijklmnop ,",
+            ),
+            ("NEN_RELAY_API_TOKENS", "4242424242424242"),
         ]),
     )
     .unwrap();
     let secrets: Vec<&str> = secrets_as_strs(&settings.webhook_secrets).collect();
-    assert_eq!(secrets, ["12345", "abc"]);
+    assert_eq!(secrets, ["1234567890123456", "abcdefghijklmnop"]);
     let tokens: Vec<&str> = secrets_as_strs(&settings.api_tokens).collect();
-    assert_eq!(tokens, ["42"]);
+    assert_eq!(tokens, ["4242424242424242"]);
     assert_eq!(settings.bind.to_string(), "0.0.0.0:8080");
     assert_eq!(settings.log_format, LogFormat::Json);
 }
@@ -94,20 +101,26 @@ fn lists_are_comma_separated_and_numeric_secrets_stay_strings() {
 fn secrets_can_come_from_files() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("secret");
-    std::fs::write(&path, "from-file\n").unwrap();
+    std::fs::write(&path, "from-file-16-bytes\n").unwrap();
     let path = path.to_str().unwrap();
     let settings = Settings::from_sources(
         Environment::Production,
         &no_files(),
         &vars(&[
             ("NEN_WEBHOOK_SECRETS_FILE", path),
-            ("NEN_RELAY_API_TOKENS", "t"),
+            ("NEN_RELAY_API_TOKENS", TOKEN),
             ("NEN_API_KEY_FILE", path),
         ]),
     )
     .unwrap();
-    assert_eq!(settings.webhook_secrets[0].expose_secret(), "from-file");
-    assert_eq!(settings.nen.api_key.unwrap().expose_secret(), "from-file");
+    assert_eq!(
+        settings.webhook_secrets[0].expose_secret(),
+        "from-file-16-bytes"
+    );
+    assert_eq!(
+        settings.nen.api_key.unwrap().expose_secret(),
+        "from-file-16-bytes"
+    );
     let missing = Settings::from_sources(
         Environment::Local,
         &no_files(),
@@ -180,7 +193,10 @@ fn debug_output_hides_secrets() {
 
 /// Settings that production accepts, plus `extra`.
 fn production_with(extra: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-    let mut variables = vars(&[("NEN_WEBHOOK_SECRETS", "s"), ("NEN_RELAY_API_TOKENS", "t")]);
+    let mut variables = vars(&[
+        ("NEN_WEBHOOK_SECRETS", SECRET),
+        ("NEN_RELAY_API_TOKENS", TOKEN),
+    ]);
     variables.extend(vars(extra));
     Settings::from_sources(Environment::Production, &no_files(), &variables)
 }
@@ -205,7 +221,10 @@ fn error_text(result: Result<Settings, ConfigError>) -> String {
 #[test]
 fn the_shipped_files_parse_in_both_environments_with_the_documented_defaults() {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-    let secrets = vars(&[("NEN_WEBHOOK_SECRETS", "s"), ("NEN_RELAY_API_TOKENS", "t")]);
+    let secrets = vars(&[
+        ("NEN_WEBHOOK_SECRETS", SECRET),
+        ("NEN_RELAY_API_TOKENS", TOKEN),
+    ]);
     for (environment, bind, database_url, log_format) in [
         (
             Environment::Local,
@@ -447,11 +466,11 @@ fn every_documented_variable_sets_its_setting() {
     );
     assert_eq!(
         secrets_as_strs(&settings.webhook_secrets).collect::<Vec<_>>(),
-        ["s"]
+        [SECRET]
     );
     assert_eq!(
         secrets_as_strs(&settings.api_tokens).collect::<Vec<_>>(),
-        ["t"]
+        [TOKEN]
     );
     assert_eq!(settings.nen.api_key.unwrap().expose_secret(), "nen-key");
     assert_eq!(settings.nen.base_url.as_str(), "http://127.0.0.1:9200/api");
@@ -510,8 +529,8 @@ fn every_secret_can_come_from_a_file() {
         path.to_str().unwrap().to_owned()
     };
     let database = file("database", "postgres://relay:pw@db/relay\n");
-    let secrets = file("secrets", "whsec-1,whsec-2\r\n");
-    let tokens = file("tokens", "token-1\n\n");
+    let secrets = file("secrets", "whsec-1-long-enough,whsec-2-long-enough\r\n");
+    let tokens = file("tokens", "token-1-long-enough\n\n");
     let api_key = file("api-key", "key-from-file");
     let signing_key = file("signing-key", "signing-from-file\n");
     let settings = Settings::from_sources(
@@ -532,11 +551,11 @@ fn every_secret_can_come_from_a_file() {
     );
     assert_eq!(
         secrets_as_strs(&settings.webhook_secrets).collect::<Vec<_>>(),
-        ["whsec-1", "whsec-2"]
+        ["whsec-1-long-enough", "whsec-2-long-enough"]
     );
     assert_eq!(
         secrets_as_strs(&settings.api_tokens).collect::<Vec<_>>(),
-        ["token-1"]
+        ["token-1-long-enough"]
     );
     assert_eq!(
         settings.nen.api_key.unwrap().expose_secret(),
@@ -630,7 +649,8 @@ fn variables_that_are_not_settings_are_left_alone() {
 
 #[test]
 fn secrets_that_look_like_numbers_stay_text() {
-    let settings = production_with(&[
+    // Local: production would refuse a token this short.
+    let settings = local_with(&[
         ("NEN_API_KEY", "0012"),
         ("NEN_RELAY_NEN__SIGNING_KEY", "1e3"),
         ("NEN_RELAY_API_TOKENS", "true"),
@@ -733,7 +753,10 @@ fn the_environment_file_of_the_folder_overrides_the_built_in_one() {
     let settings = Settings::from_sources(
         Environment::Production,
         dir.path(),
-        &vars(&[("NEN_WEBHOOK_SECRETS", "s"), ("NEN_RELAY_API_TOKENS", "t")]),
+        &vars(&[
+            ("NEN_WEBHOOK_SECRETS", SECRET),
+            ("NEN_RELAY_API_TOKENS", TOKEN),
+        ]),
     )
     .unwrap();
     assert_eq!(settings.log_format, LogFormat::Pretty);
@@ -743,7 +766,10 @@ fn the_environment_file_of_the_folder_overrides_the_built_in_one() {
     let settings = Settings::from_sources(
         Environment::Production,
         dir.path(),
-        &vars(&[("NEN_WEBHOOK_SECRETS", "s"), ("NEN_RELAY_API_TOKENS", "t")]),
+        &vars(&[
+            ("NEN_WEBHOOK_SECRETS", SECRET),
+            ("NEN_RELAY_API_TOKENS", TOKEN),
+        ]),
     )
     .unwrap();
     assert_eq!(settings.log_format, LogFormat::Pretty);
@@ -768,4 +794,106 @@ fn the_health_check_finds_the_bind_address_without_secrets() {
         &vars(&[("NEN_RELAY_BIND", "127.0.0.1:7000")]),
     );
     assert_eq!(from_variable.unwrap().port(), 7000);
+}
+
+#[test]
+fn production_refuses_a_clear_text_nen_api_base_url_unless_it_is_loopback() {
+    for remote in [
+        "http://api.getnen.ai",
+        "http://10.0.0.7:8080/api",
+        "http://[2001:db8::1]/",
+        "http://localhost.example.com/",
+        "http://128.0.0.1/",
+    ] {
+        let error = error_text(production_with(&[("NEN_API_BASE_URL", remote)]));
+        assert!(error.contains("NEN_API_BASE_URL"), "{remote}: {error}");
+        assert!(!error.contains('\n'), "{remote}: {error}");
+        // Allowed locally.
+        assert!(
+            local_with(&[("NEN_API_BASE_URL", remote)]).is_ok(),
+            "{remote}"
+        );
+    }
+    for allowed in [
+        "https://api.getnen.ai",
+        "https://10.0.0.7/",
+        "http://127.0.0.1:9200/api",
+        "http://127.255.0.9/",
+        "http://[::1]:9200/",
+        "http://localhost:9200/",
+        "http://LOCALHOST/",
+    ] {
+        let settings = production_with(&[("NEN_API_BASE_URL", allowed)]);
+        assert!(settings.is_ok(), "{allowed}: {:?}", settings.err());
+    }
+}
+
+#[test]
+fn production_refuses_short_secrets_naming_the_variable_and_never_the_value() {
+    let short = "short-secret-15";
+    assert_eq!(short.len(), MIN_SECRET_BYTES - 1);
+    let exactly = "sixteen-bytes-ok";
+    assert_eq!(exactly.len(), MIN_SECRET_BYTES);
+    for name in ["NEN_WEBHOOK_SECRETS", "NEN_RELAY_API_TOKENS"] {
+        for list in [short.to_owned(), format!("{exactly},{short}")] {
+            let error = error_text(production_with(&[(name, &list)]));
+            assert!(error.contains(name), "{error}");
+            assert!(error.contains("16 bytes"), "{error}");
+            assert!(!error.contains(short), "{error}");
+            assert!(!error.contains(exactly), "{error}");
+            assert!(!error.contains("second") && !error.contains('2'), "{error}");
+            assert!(!error.contains('\n'), "{error}");
+            // Allowed locally.
+            assert!(local_with(&[(name, &list)]).is_ok(), "{name}");
+        }
+        assert!(production_with(&[(name, exactly)]).is_ok(), "{name}");
+    }
+    // From a file too.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokens");
+    std::fs::write(&path, format!("{exactly},{short}\n")).unwrap();
+    let error = error_text(production_with(&[
+        ("NEN_RELAY_API_TOKENS", ""),
+        ("NEN_RELAY_API_TOKENS_FILE", path.to_str().unwrap()),
+    ]));
+    assert!(error.contains("NEN_RELAY_API_TOKENS"), "{error}");
+    assert!(!error.contains(short), "{error}");
+}
+
+#[test]
+fn the_fingerprint_key_is_an_optional_secret_with_a_file_form() {
+    assert!(local_with(&[]).unwrap().trigger.fingerprint_key.is_none());
+    let settings =
+        production_with(&[("NEN_RELAY_TRIGGER__FINGERPRINT_KEY", "fingerprint-key-0123")]).unwrap();
+    assert_eq!(
+        settings.trigger.fingerprint_key.unwrap().expose_secret(),
+        "fingerprint-key-0123"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fingerprint");
+    std::fs::write(&path, "fingerprint-from-file\n").unwrap();
+    let settings = production_with(&[(
+        "NEN_RELAY_TRIGGER__FINGERPRINT_KEY_FILE",
+        path.to_str().unwrap(),
+    )])
+    .unwrap();
+    assert_eq!(
+        settings.trigger.fingerprint_key.unwrap().expose_secret(),
+        "fingerprint-from-file"
+    );
+    let error = error_text(production_with(&[(
+        "NEN_RELAY_TRIGGER__FINGERPRINT_KEY",
+        "too-short",
+    )]));
+    assert!(
+        error.contains("NEN_RELAY_TRIGGER__FINGERPRINT_KEY"),
+        "{error}"
+    );
+    assert!(!error.contains("too-short"), "{error}");
+    assert!(local_with(&[("NEN_RELAY_TRIGGER__FINGERPRINT_KEY", "short")]).is_ok());
+    let shown = format!(
+        "{:?}",
+        local_with(&[("NEN_RELAY_TRIGGER__FINGERPRINT_KEY", "fingerprint-debug")]).unwrap()
+    );
+    assert!(!shown.contains("fingerprint-debug"), "{shown}");
 }

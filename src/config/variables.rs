@@ -43,6 +43,7 @@ pub(super) const SECRET_KEYS: &[&str] = &[
     "api_tokens",
     "nen.api_key",
     "nen.signing_key",
+    "trigger.fingerprint_key",
 ];
 
 const PREFIX: &str = "NEN_RELAY_";

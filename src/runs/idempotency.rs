@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use url::Url;
 
 use super::start::{StartRequest, Submitted};
@@ -48,29 +49,83 @@ impl IdempotencyKey {
     }
 }
 
+/// Label of the derivation of the default [`FingerprintKey`] from `NEN_API_KEY`. Fixed: changing
+/// it changes every fingerprint, and keys claimed before would then answer 409 to a retry.
+const DERIVATION_LABEL: &[u8] = b"nen-relay idempotency fingerprint";
+
+/// Domain separation of the fingerprint HMAC from any other use of the same key.
+const FINGERPRINT_CONTEXT: &[u8] = b"nen-relay idempotency fingerprint v1\n";
+
+/// The server-side key of the fingerprint HMAC.
+///
+/// It must be secret (else the stored fingerprint could be used to guess `workflow_params`,
+/// which are personal data) and the same on every replica and across restarts (else a retry
+/// that reaches another replica, or comes after a deploy, would be a conflict). So it is
+/// `NEN_RELAY_TRIGGER__FINGERPRINT_KEY` when that is set, and otherwise
+/// HMAC-SHA256(`NEN_API_KEY`, "nen-relay idempotency fingerprint"): a secret that every replica
+/// already shares and that a trigger cannot work without, never used as is.
+#[derive(Clone)]
+pub struct FingerprintKey(SecretSlice<u8>);
+
+impl std::fmt::Debug for FingerprintKey {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("FingerprintKey([REDACTED])")
+    }
+}
+
+impl FingerprintKey {
+    pub fn new(bytes: &[u8]) -> Self {
+        Self(SecretSlice::from(bytes.to_vec()))
+    }
+
+    /// The configured key, or else the one derived from the API key; `None` without either
+    /// (triggering then answers 503 `not_configured` before any key is claimed).
+    pub fn from_settings(
+        configured: Option<&SecretString>,
+        api_key: Option<&SecretString>,
+    ) -> Option<Self> {
+        if let Some(key) = configured {
+            return Some(Self::new(key.expose_secret().as_bytes()));
+        }
+        let api_key = api_key?;
+        let mut mac = Hmac::<Sha256>::new_from_slice(api_key.expose_secret().as_bytes())
+            .expect("HMAC accepts keys of any length");
+        mac.update(DERIVATION_LABEL);
+        Some(Self::new(&mac.finalize().into_bytes()))
+    }
+}
+
 /// The claim for `key`, valid for `ttl`, naming the request by its fingerprint only.
 pub fn claim(
     key: &IdempotencyKey,
     request: &StartRequest,
     signing_key: Option<&[u8]>,
+    fingerprint_key: &FingerprintKey,
     ttl: Duration,
 ) -> IdempotencyClaim {
     let now = Utc::now();
     let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(24));
     IdempotencyClaim {
         key: key.as_str().to_owned(),
-        request_sha256: fingerprint(request, signing_key),
+        request_sha256: fingerprint(request, signing_key, fingerprint_key),
         now,
         expires_at: now + ttl,
     }
 }
 
-/// SHA-256 of a canonical form of the request, to tell a repeat from a different request.
+/// HMAC-SHA256, keyed with the [`FingerprintKey`], of a canonical form of the request, to tell
+/// a repeat from a different request. Keyed, so that the stored value cannot be used to guess
+/// the request's personal data: a plain hash of a name and a date of birth is easily
+/// brute-forced.
 ///
 /// Secure parameters enter only as an HMAC keyed with the signing key (they cannot be sent
-/// without it), so the stored hash cannot be used to guess them: a plain hash of a short
-/// password is easily brute-forced. Key order and whitespace do not matter.
-pub fn fingerprint(request: &StartRequest, signing_key: Option<&[u8]>) -> [u8; 32] {
+/// without it), so even the fingerprint key does not help guess them. Key order and whitespace
+/// do not matter.
+pub fn fingerprint(
+    request: &StartRequest,
+    signing_key: Option<&[u8]>,
+    key: &FingerprintKey,
+) -> [u8; 32] {
     let secure = match (&request.secure_workflow_params, signing_key) {
         (Some(params), Some(key)) => {
             let mut mac =
@@ -89,7 +144,11 @@ pub fn fingerprint(request: &StartRequest, signing_key: Option<&[u8]>) -> [u8; 3
         "secure_workflow_params_hmac": secure,
         "webhook_callback": request.webhook_callback.as_ref().map(Url::as_str),
     });
-    Sha256::digest(canonical_json(&canonical).as_bytes()).into()
+    let mut mac = Hmac::<Sha256>::new_from_slice(key.0.expose_secret())
+        .expect("HMAC accepts keys of any length");
+    mac.update(FINGERPRINT_CONTEXT);
+    mac.update(canonical_json(&canonical).as_bytes());
+    mac.finalize().into_bytes().into()
 }
 
 /// JSON with object keys sorted at every level and no whitespace. Written out rather than left
@@ -151,6 +210,10 @@ mod tests {
         StartRequest::parse(body.as_bytes()).expect("a valid request")
     }
 
+    fn fk() -> FingerprintKey {
+        FingerprintKey::new(b"fingerprint-key-for-tests")
+    }
+
     #[test]
     fn keys_are_visible_ascii_of_bounded_length() {
         assert_eq!(IdempotencyKey::parse(b"key-1").unwrap().as_str(), "key-1");
@@ -179,10 +242,19 @@ mod tests {
         let c = request(&format!(
             r#"{{"workflow_id":"{WORKFLOW}","workflow_params":{{"a":1,"b":2}},"secure_workflow_params":{{"p":"y"}}}}"#
         ));
-        assert_eq!(fingerprint(&a, Some(b"k")), fingerprint(&b, Some(b"k")));
-        assert_ne!(fingerprint(&a, Some(b"k")), fingerprint(&c, Some(b"k")));
+        assert_eq!(
+            fingerprint(&a, Some(b"k"), &fk()),
+            fingerprint(&b, Some(b"k"), &fk())
+        );
+        assert_ne!(
+            fingerprint(&a, Some(b"k"), &fk()),
+            fingerprint(&c, Some(b"k"), &fk())
+        );
         // Without the key, the hash does not reveal the secure value (it is keyed).
-        assert_ne!(fingerprint(&a, Some(b"k")), fingerprint(&a, Some(b"other")));
+        assert_ne!(
+            fingerprint(&a, Some(b"k"), &fk()),
+            fingerprint(&a, Some(b"other"), &fk())
+        );
     }
 
     #[test]
@@ -199,13 +271,104 @@ mod tests {
         ];
         let fingerprints: Vec<[u8; 32]> = variants
             .iter()
-            .map(|body| fingerprint(&request(body), Some(b"k")))
+            .map(|body| fingerprint(&request(body), Some(b"k"), &fk()))
             .collect();
         for (i, a) in fingerprints.iter().enumerate() {
             for b in &fingerprints[i + 1..] {
                 assert_ne!(a, b, "{} vs another variant", variants[i]);
             }
         }
+    }
+
+    #[test]
+    fn the_same_request_and_key_give_the_same_fingerprint_and_another_key_another() {
+        let body = format!(
+            r#"{{"workflow_id":"{WORKFLOW}","workflow_params":{{"name":"Ada Lovelace","dob":"1815-12-10"}}}}"#
+        );
+        let first = fingerprint(&request(&body), None, &fk());
+        let again = fingerprint(
+            &request(&body),
+            None,
+            &FingerprintKey::new(b"fingerprint-key-for-tests"),
+        );
+        assert_eq!(first, again);
+        let other = fingerprint(
+            &request(&body),
+            None,
+            &FingerprintKey::new(b"another-fingerprint-key"),
+        );
+        assert_ne!(first, other);
+    }
+
+    #[test]
+    fn no_plain_sha256_of_the_params_is_the_stored_fingerprint() {
+        use sha2::Digest;
+        let params = r#"{"dob":"1815-12-10","name":"Ada Lovelace"}"#;
+        let body = format!(r#"{{"workflow_id":"{WORKFLOW}","workflow_params":{params}}}"#);
+        let parsed = request(&body);
+        let stored = claim(
+            &IdempotencyKey::parse(b"key-1").unwrap(),
+            &parsed,
+            None,
+            &fk(),
+            Duration::from_secs(60),
+        )
+        .request_sha256;
+        // What the fingerprint was before it was keyed, and the obvious guesses at the params.
+        let unkeyed_request = serde_json::json!({
+            "workflow_id": WORKFLOW,
+            "workflow_params": parsed.workflow_params,
+            "secure_workflow_params_hmac": Value::Null,
+            "webhook_callback": Value::Null,
+        });
+        let params_value = Value::Object(parsed.workflow_params.clone());
+        for guess in [
+            canonical_json(&unkeyed_request),
+            canonical_json(&params_value),
+            serde_json::to_string(&params_value).unwrap(),
+            params.to_owned(),
+            body.clone(),
+        ] {
+            let plain: [u8; 32] = Sha256::digest(guess.as_bytes()).into();
+            assert_ne!(
+                plain, stored,
+                "the fingerprint is a plain SHA-256 of {guess}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_key_is_the_configured_one_or_derived_from_the_api_key() {
+        let body = format!(r#"{{"workflow_id":"{WORKFLOW}","workflow_params":{{"a":1}}}}"#);
+        let of = |key: &FingerprintKey| fingerprint(&request(&body), None, key);
+        let configured = SecretString::from("configured-fingerprint-key");
+        let api_key = SecretString::from("nen-api-key-for-tests");
+        let api_key_rotated = SecretString::from("nen-api-key-rotated");
+
+        let explicit = FingerprintKey::from_settings(Some(&configured), Some(&api_key)).unwrap();
+        assert_eq!(
+            of(&explicit),
+            of(&FingerprintKey::new(b"configured-fingerprint-key"))
+        );
+        // The configured key outlives an API key rotation.
+        let explicit_rotated =
+            FingerprintKey::from_settings(Some(&configured), Some(&api_key_rotated)).unwrap();
+        assert_eq!(of(&explicit), of(&explicit_rotated));
+
+        // Derived: the same on every replica and restart, never the API key itself.
+        let derived = FingerprintKey::from_settings(None, Some(&api_key)).unwrap();
+        let derived_again = FingerprintKey::from_settings(None, Some(&api_key)).unwrap();
+        assert_eq!(of(&derived), of(&derived_again));
+        assert_ne!(
+            of(&derived),
+            of(&FingerprintKey::new(b"nen-api-key-for-tests"))
+        );
+        assert_ne!(of(&derived), of(&explicit));
+        let derived_rotated = FingerprintKey::from_settings(None, Some(&api_key_rotated)).unwrap();
+        assert_ne!(of(&derived), of(&derived_rotated));
+
+        assert!(FingerprintKey::from_settings(None, None).is_none());
+        assert_eq!(format!("{derived:?}"), "FingerprintKey([REDACTED])");
     }
 
     #[test]

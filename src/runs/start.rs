@@ -23,7 +23,7 @@ use serde_json::{Map, Value};
 use tracing::Instrument;
 use url::Url;
 
-use super::idempotency::{self, IdempotencyKey};
+use super::idempotency::{self, FingerprintKey, IdempotencyKey};
 use crate::config::Settings;
 use crate::metrics::{self, TriggerOutcome};
 use crate::nen::{NenClient, NenError, NotConfigured, PreparedRun, RunRequest, SecureParams};
@@ -72,6 +72,8 @@ pub struct StartPolicy {
     pub store_workflow_params: bool,
     /// How long a key and its answer are kept.
     pub idempotency_ttl: Duration,
+    /// The key of the idempotency fingerprint HMAC; `None` only without an API key.
+    pub fingerprint_key: Option<FingerprintKey>,
 }
 
 /// The answer to a started run: what the caller gets, and what is kept for its key.
@@ -159,6 +161,10 @@ impl StartPolicy {
                 .map(|public| format!("{}/webhooks/nen", public.as_str().trim_end_matches('/'))),
             store_workflow_params: settings.trigger.store_workflow_params,
             idempotency_ttl: settings.trigger.idempotency_ttl,
+            fingerprint_key: FingerprintKey::from_settings(
+                settings.trigger.fingerprint_key.as_ref(),
+                settings.nen.api_key.as_ref(),
+            ),
         }
     }
 }
@@ -286,7 +292,19 @@ impl RunStarter {
 
         if let Some(key) = &key {
             let signing_key = self.nen.signing_key().map(|k| k.expose_secret().as_bytes());
-            let claim = idempotency::claim(key, &request, signing_key, self.policy.idempotency_ttl);
+            // Present whenever Nen is configured, which `prepare` has checked.
+            let fingerprint_key = self
+                .policy
+                .fingerprint_key
+                .as_ref()
+                .ok_or(NotConfigured::ApiKey)?;
+            let claim = idempotency::claim(
+                key,
+                &request,
+                signing_key,
+                fingerprint_key,
+                self.policy.idempotency_ttl,
+            );
             match self.store.claim_idempotency_key(&claim).await? {
                 ClaimOutcome::Claimed => {}
                 ClaimOutcome::Completed(stored) => {
