@@ -1,5 +1,6 @@
 //! `parse_callback` on arbitrary bytes: never panics, and whatever it accepts can be stored:
-//! bounded non-empty ids and statuses without NUL, and a `result` that is valid JSON.
+//! bounded non-empty ids and statuses without NUL, a `result` that is valid JSON, and a body
+//! that is UTF-8 (it is stored and served as text).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -19,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
                 serde_json::from_str(result).expect("a kept result is JSON");
             assert!(!holds_nul(&value), "a kept result holds NUL");
         }
+        assert!(std::str::from_utf8(data).is_ok(), "an accepted body is UTF-8");
         // The body as a whole is a JSON object.
         serde_json::from_slice::<serde::de::IgnoredAny>(data).expect("an accepted body is JSON");
     }

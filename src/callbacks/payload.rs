@@ -32,6 +32,9 @@ pub struct ParsedCallback {
 /// Why a signed body is not a callback. The message is shown to the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PayloadError {
+    /// JSON text is UTF-8 (RFC 8259, section 8.1), and the body is stored and served as text.
+    #[error("the body is not valid UTF-8 (the first invalid byte is at offset {0})")]
+    NotUtf8(usize),
     #[error("the body is not valid JSON: {0}")]
     NotJson(String),
     #[error("the body is not a JSON object")]
@@ -68,6 +71,12 @@ struct Wire<'a> {
 }
 
 pub fn parse_callback(body: &[u8]) -> Result<ParsedCallback, PayloadError> {
+    // serde_json skips unknown string fields without checking their bytes, so a body with
+    // `\xff` in an unknown field would otherwise parse. Checked first, the whole body is known
+    // to be UTF-8 from here on, which is what `Delivery::body_text` relies on.
+    let body = std::str::from_utf8(body)
+        .map_err(|error| PayloadError::NotUtf8(error.valid_up_to()))?
+        .as_bytes();
     // serde would read a JSON array into the struct positionally: insist on an object.
     if !body.trim_ascii_start().starts_with(b"{") {
         return Err(
@@ -322,6 +331,41 @@ mod tests {
     }
 
     #[test]
+    fn rejects_bodies_that_are_not_utf8() {
+        // Invalid bytes in a field nen-relay does not read, which serde_json alone lets through.
+        assert_eq!(
+            parse_callback(b"{\"message_id\":\"m\",\"status\":\"s\",\"x\":\"\xff\xfe\"}"),
+            Err(PayloadError::NotUtf8(36))
+        );
+        // Latin-1, in a read field and in an unknown one.
+        assert_eq!(
+            parse_callback(b"{\"message_id\":\"m\",\"status\":\"s\",\"error\":\"caf\xe9\"}"),
+            Err(PayloadError::NotUtf8(43))
+        );
+        assert_eq!(
+            parse_callback(b"{\"message_id\":\"m\",\"status\":\"s\",\"x\":\"\xe9t\xe9\"}"),
+            Err(PayloadError::NotUtf8(36))
+        );
+        // A UTF-16 byte order mark, an overlong encoding, a lone surrogate encoded as UTF-8.
+        for body in [
+            &b"\xff\xfe{}"[..],
+            b"{\"x\":\"\xc0\xaf\"}",
+            b"{\"x\":\"\xed\xa0\x80\"}",
+        ] {
+            assert!(
+                matches!(parse_callback(body), Err(PayloadError::NotUtf8(_))),
+                "{body:?}"
+            );
+        }
+        // The same text written as UTF-8 is fine.
+        let utf8 = "{\"message_id\":\"m\",\"status\":\"s\",\"error\":\"caf\u{e9}\"}";
+        assert_eq!(
+            parse_callback(utf8.as_bytes()).unwrap().error.as_deref(),
+            Some("caf\u{e9}")
+        );
+    }
+
+    #[test]
     fn deep_nesting_is_kept_raw_but_not_read_as_the_result() {
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         let ignored = format!(r#"{{"message_id":"m","status":"s","x":{deep}}}"#);
@@ -380,7 +424,9 @@ mod tests {
     proptest! {
         #[test]
         fn never_panics_on_arbitrary_bytes(body in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = parse_callback(&body);
+            let accepted = parse_callback(&body).is_ok();
+            // Whatever is accepted can be stored and served as text.
+            prop_assert!(!accepted || std::str::from_utf8(&body).is_ok());
         }
 
         #[test]

@@ -308,6 +308,9 @@ impl RunStarter {
             match self.store.claim_idempotency_key(&claim).await? {
                 ClaimOutcome::Claimed => {}
                 ClaimOutcome::Completed(stored) => {
+                    // Not a read endpoint: a kept answer this service did not write cannot be
+                    // replayed, and calling Nen again could start the run twice, so this stays
+                    // an error (500) rather than a guess.
                     return idempotency::replay(&stored)
                         .map(Started::Replayed)
                         .map_err(|error| {

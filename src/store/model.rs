@@ -1,5 +1,7 @@
 //! The domain types that cross the store boundary.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -20,7 +22,7 @@ pub struct Delivery {
     pub result: Option<String>,
     pub assets_url: Option<String>,
     pub error: Option<String>,
-    /// The exact bytes Nen signed. Valid UTF-8, because it parsed as JSON.
+    /// The exact bytes Nen signed. Valid UTF-8: `payload::parse_callback` refuses any other.
     pub raw_body: Bytes,
     /// SHA-256 of `raw_body`, to tell an identical repeat from one whose body differs.
     pub body_sha256: [u8; 32],
@@ -57,9 +59,13 @@ impl Delivery {
         StatusRank::of(&self.status)
     }
 
-    /// The raw body as text (it is valid UTF-8 by construction).
-    pub fn body_text(&self) -> &str {
-        std::str::from_utf8(&self.raw_body).unwrap_or_default()
+    /// The raw body as text. It is valid UTF-8 whenever it came through `parse_callback`, and
+    /// then this borrows it unchanged. Should a delivery built some other way not be, invalid
+    /// bytes become U+FFFD: the stored text stays as close to the body as text can be, and
+    /// stays JSON if the body was JSON apart from those bytes (it used to become empty, which
+    /// no reader could parse).
+    pub fn body_text(&self) -> Cow<'_, str> {
+        String::from_utf8_lossy(&self.raw_body)
     }
 }
 
@@ -120,7 +126,8 @@ pub struct Event {
     pub conflicting_terminal: bool,
     pub key_id: String,
     pub last_received_at: DateTime<Utc>,
-    /// The body as received, byte for byte.
+    /// The body as received, byte for byte. A stored payload that is not JSON (not written by
+    /// this service) is a JSON string holding the stored text instead: see `rows::json_or_string`.
     pub payload: Box<RawValue>,
 }
 

@@ -150,6 +150,7 @@ impl<'a> BatchPlan<'a> {
         let mut changes: Vec<RunChange> = by_run
             .into_values()
             .map(|mut change| {
+                // Safe: in-memory, and every run in `by_run` was put in `first_known` above.
                 let known = first_known
                     .remove(change.message_id.as_str())
                     .unwrap_or_default();
@@ -196,6 +197,8 @@ impl<'a> BatchPlan<'a> {
                 outcomes[group.first].conflicting_terminal = conflicting.contains(&g);
                 self.deliveries[group.first].body_sha256
             } else {
+                // Safe: a hash the store could not read back (missing, or not 32 bytes) only
+                // means the copy is not flagged as differing; it is still a duplicate.
                 stored_sha256[g].unwrap_or(self.deliveries[group.first].body_sha256)
             };
             let copies = group

@@ -5,6 +5,7 @@
 //! statement, and the one that records a triggered run, implement in SQL the rules the SQLite
 //! store runs in Rust (`plan`, `forward_only`); each says which.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::str::FromStr;
 
@@ -229,7 +230,7 @@ struct GroupColumns<'a> {
     status_ranks: Vec<i16>,
     received_at: Vec<DateTime<Utc>>,
     last_received_at: Vec<DateTime<Utc>>,
-    payloads: Vec<&'a str>,
+    payloads: Vec<Cow<'a, str>>,
     body_sha256s: Vec<&'a [u8]>,
     key_ids: Vec<&'a str>,
     repeats: Vec<i64>,

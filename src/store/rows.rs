@@ -46,12 +46,12 @@ impl<Time> RunRow<Time> {
             updated_at: time(self.updated_at)?,
             completed_at: self.completed_at.map(&time).transpose()?,
             expires_at: self.expires_at.map(&time).transpose()?,
-            result: raw_json(self.result)?,
+            result: self.result.map(json_or_string),
             assets_url: self.assets_url,
             error: self.error,
             triggered_here: self.triggered_here,
             conflicting_terminals: self.conflicting_terminals,
-            workflow_params: raw_json(self.workflow_params)?,
+            workflow_params: self.workflow_params.map(json_or_string),
             seq: self.seq,
         })
     }
@@ -86,16 +86,43 @@ impl<Time> EventRow<Time> {
             conflicting_terminal: self.conflicting_terminal,
             key_id: self.key_id,
             last_received_at: time(self.last_received_at)?,
-            payload: RawValue::from_string(self.payload).map_err(|error| {
-                StoreError::Internal(format!("stored payload does not parse: {error}"))
-            })?,
+            payload: json_or_string(self.payload),
         })
     }
 }
 
-/// Stored JSON text, handed out as is.
-fn raw_json(text: Option<String>) -> Result<Option<Box<RawValue>>, StoreError> {
-    text.map(RawValue::from_string)
-        .transpose()
-        .map_err(|error| StoreError::Internal(format!("stored JSON does not parse: {error}")))
+/// Stored JSON text, handed out as is. This service only stores text that parsed as JSON, but a
+/// row written some other way (by hand, by an older version, a damaged file) may hold anything
+/// a text column can: such text is handed out as a JSON string holding it, so that one row can
+/// never make a read endpoint fail.
+pub fn json_or_string(text: String) -> Box<RawValue> {
+    // Checked before `from_string` takes the text, so that the text is still there to fall
+    // back on; a payload is read twice here, which is cheap next to fetching it.
+    if serde_json::from_str::<&RawValue>(&text).is_err() {
+        tracing::warn!("a stored JSON column does not parse; it is served as a JSON string");
+        // Serializing a string cannot fail; `null` only to avoid a panic path.
+        return serde_json::value::to_raw_value(&text)
+            .unwrap_or_else(|_| RawValue::NULL.to_owned());
+    }
+    RawValue::from_string(text).unwrap_or_else(|_| RawValue::NULL.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_text_that_is_not_json_is_served_as_a_string() {
+        for json in [r#"{"a": [1, 2]}"#, "\"x\"", "7", "null"] {
+            assert_eq!(json_or_string(json.to_owned()).get(), json);
+        }
+        for text in ["", "{\"a\":", "caf\u{e9}", "\u{fffd}\u{fffd}", "{} {}"] {
+            let served = json_or_string(text.to_owned());
+            assert_eq!(
+                serde_json::from_str::<String>(served.get()).unwrap(),
+                text,
+                "{text:?}"
+            );
+        }
+    }
 }

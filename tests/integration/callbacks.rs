@@ -248,6 +248,31 @@ async fn fifty_identical_deliveries_at_once_make_one_event(db: TestDatabase) {
     assert_eq!(app.run("m-burst").await["status"], "success");
 }
 
+/// A signed body that is not UTF-8 (bytes in an unknown field, or a Latin-1 body) is refused
+/// and kept byte for byte; it never reaches the run, whose events stay readable.
+async fn a_signed_body_that_is_not_utf8_is_refused_and_kept(db: TestDatabase) {
+    let app = TestApp::spawn(db).await;
+    app.deliver_ok(&callback("m-utf8", "processing", json!({})))
+        .await;
+    let bodies: [&[u8]; 3] = [
+        b"{\"message_id\":\"m-utf8\",\"status\":\"success\",\"x\":\"\xff\xfe\"}",
+        // Latin-1: "caf\u{e9}" written as the single byte 0xE9.
+        b"{\"message_id\":\"m-utf8\",\"status\":\"failed\",\"error\":\"caf\xe9\"}",
+        b"{\"message_id\":\"m-utf8\xe9\",\"status\":\"success\"}",
+    ];
+    for body in bodies {
+        let response = app.deliver_with(body, Some(&app.signature(body))).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{body:?}");
+        assert_eq!(error_code(response).await, "invalid_payload");
+    }
+    let kept: Vec<Vec<u8>> = bodies.iter().map(|body| body.to_vec()).collect();
+    assert_eq!(stored::rejected_bodies(&app.db).await, kept);
+    assert_eq!(app.run("m-utf8").await["status"], "processing");
+    let events = app.events("m-utf8").await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["status"], "processing");
+}
+
 on_both_backends!(
     every_fixture_case_verifies,
     every_invalid_fixture_case_is_refused_alike_and_stores_nothing,
@@ -257,4 +282,5 @@ on_both_backends!(
     status_only_moves_forward,
     a_conflicting_terminal_is_kept_and_flagged_but_never_wins,
     fifty_identical_deliveries_at_once_make_one_event,
+    a_signed_body_that_is_not_utf8_is_refused_and_kept,
 );

@@ -900,6 +900,58 @@ async fn a_database_from_the_first_schema_upgrades_with_its_data(db: TestDatabas
     );
 }
 
+/// Runs `sql` on the test database directly, as an operator or another program might.
+async fn execute(db: &TestDatabase, sql: &str) {
+    match db.backend {
+        Backend::Postgres => {
+            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql(sql).execute(&mut connection).await.unwrap();
+        }
+        Backend::Sqlite => {
+            let mut connection = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql(sql).execute(&mut connection).await.unwrap();
+        }
+    }
+}
+
+/// This service only stores payloads that parsed as JSON, but a row written some other way
+/// must not make the read endpoints fail: such text is served as a JSON string.
+async fn a_stored_payload_that_is_not_json_is_still_readable(db: TestDatabase) {
+    let app = crate::support::TestApp::spawn(db).await;
+    for (id, status) in [
+        ("m-a", "processing"),
+        ("m-b", "processing"),
+        ("m-c", "success"),
+    ] {
+        app.deliver_ok(&callback(id, status, json!({"result": {"ok": true}})))
+            .await;
+    }
+    let odd = [
+        "",
+        "{\"message_id\":\"m-b\",\"status\":",
+        "caf\u{e9} \u{fffd}",
+    ];
+    execute(
+        &app.db,
+        &format!(
+            "update events set payload = '{}' where message_id = 'm-a'; \
+             update events set payload = '{}' where message_id = 'm-b'; \
+             update events set payload = '{}' where message_id = 'm-c';",
+            odd[0], odd[1], odd[2]
+        ),
+    )
+    .await;
+    for (id, text) in ["m-a", "m-b", "m-c"].into_iter().zip(odd) {
+        let response = app.get(&format!("/v1/runs/{id}/events")).await;
+        assert_eq!(response.status(), reqwest::StatusCode::OK, "{id}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["events"][0]["payload"], json!(text), "{id}");
+    }
+    // The run's own JSON columns need no such test: jsonb on PostgreSQL, and a json_valid
+    // CHECK on SQLite, refuse anything else.
+    assert_eq!(app.run("m-c").await["result"], json!({"ok": true}));
+}
+
 async fn unknown_runs_are_absent_and_the_store_answers(db: TestDatabase) {
     let store = open(&db).await;
     store.ping().await.unwrap();
@@ -1252,4 +1304,5 @@ on_both_backends!(
     rejected_payloads_are_kept_byte_for_byte,
     unknown_runs_are_absent_and_the_store_answers,
     a_database_from_the_first_schema_upgrades_with_its_data,
+    a_stored_payload_that_is_not_json_is_still_readable,
 );
