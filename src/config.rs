@@ -10,6 +10,7 @@
 
 mod layers;
 mod legacy_units;
+mod retention_period;
 mod secret_values;
 mod variables;
 
@@ -84,6 +85,10 @@ pub struct Settings {
     #[serde(skip)]
     pub environment: Environment,
     pub bind: SocketAddr,
+    /// A second listener for `/metrics`, `/healthz` and `/readyz` (`NEN_RELAY_OPS_BIND`); when
+    /// set, `/metrics` leaves the public listener.
+    #[serde(default)]
+    pub ops_bind: Option<SocketAddr>,
     /// May carry a password, so it is a secret too.
     #[serde(deserialize_with = "secret_values::one")]
     pub database_url: SecretString,
@@ -100,6 +105,9 @@ pub struct Settings {
     pub http: HttpSettings,
     pub nen: NenSettings,
     pub trigger: TriggerSettings,
+    pub query: QuerySettings,
+    pub runs: RunsSettings,
+    pub retention: RetentionSettings,
     /// Secrets made up for a local start, to be shown once on the terminal.
     #[serde(skip)]
     pub generated: Vec<(&'static str, SecretString)>,
@@ -117,6 +125,8 @@ pub struct WebhookSettings {
     /// How long a callback may wait for its commit before it is answered 503 (Nen then retries).
     #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
+    /// Unverified callback bodies held in memory at once, across all requests; past it, 503.
+    pub max_inflight_body_bytes: usize,
 }
 
 /// Group commit tuning.
@@ -143,6 +153,9 @@ pub struct StoreSettings {
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Duration,
     pub migrate_on_start: bool,
+    /// How long migrations wait for a lock (their own connection, no statement timeout).
+    #[serde(with = "humantime_serde")]
+    pub migrate_lock_timeout: Duration,
 }
 
 impl StoreSettings {
@@ -178,6 +191,15 @@ pub struct HttpSettings {
     /// A client that has not sent its request headers by then is disconnected.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in progress for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connections open at once; past it, new ones are refused at once.
+    pub max_connections: usize,
+    /// After SIGTERM, how long `/readyz` answers 503 while serving goes on, so that load
+    /// balancers stop sending before the listener closes.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
     /// How long a shutdown waits for in-flight requests.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -197,6 +219,41 @@ pub struct TriggerSettings {
     /// Unset: derived from `NEN_API_KEY` (see `runs::idempotency::FingerprintKey`).
     #[serde(default, deserialize_with = "secret_values::optional")]
     pub fingerprint_key: Option<SecretString>,
+}
+
+/// The read API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuerySettings {
+    /// Requests holding `?wait=` at once; past it, 503.
+    pub max_waiters: usize,
+}
+
+/// What the service says about runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunsSettings {
+    /// A run that is not terminal and has not changed for longer than this is stuck.
+    #[serde(with = "humantime_serde")]
+    pub stuck_after: Duration,
+}
+
+/// How long stored data is kept; `None` (written `off`) keeps it forever.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Raw payloads of events of runs terminal for longer than this are removed.
+    #[serde(deserialize_with = "retention_period::deserialize")]
+    pub payloads: Option<Duration>,
+    /// Runs terminal for longer than this are deleted with their events.
+    #[serde(deserialize_with = "retention_period::deserialize")]
+    pub runs: Option<Duration>,
+    /// Rejected payloads older than this are deleted.
+    #[serde(deserialize_with = "retention_period::deserialize")]
+    pub rejected: Option<Duration>,
+    /// How often a sweep runs.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
 }
 
 impl Settings {
@@ -239,6 +296,33 @@ impl Settings {
             return Err(ConfigError::Invalid(
                 "webhook.max_body_bytes must be positive".into(),
             ));
+        }
+        if self.webhook.max_inflight_body_bytes < self.webhook.max_body_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "webhook.max_inflight_body_bytes ({}) must be at least webhook.max_body_bytes ({}), \
+                 or a callback of the largest allowed size could never be read",
+                self.webhook.max_inflight_body_bytes, self.webhook.max_body_bytes
+            )));
+        }
+        for (value, name) in [
+            (self.http.max_connections, "http.max_connections"),
+            (self.query.max_waiters, "query.max_waiters"),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be positive")));
+            }
+        }
+        if self.retention.sweep_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "retention.sweep_interval must be positive".into(),
+            ));
+        }
+        if let Some(ops) = self.ops_bind {
+            if ops == self.bind {
+                return Err(ConfigError::Invalid(format!(
+                    "NEN_RELAY_OPS_BIND ({ops}) must differ from NEN_RELAY_BIND"
+                )));
+            }
         }
         let ingest = &self.ingest;
         if ingest.writers == 0 || ingest.max_batch == 0 || ingest.queue_capacity == 0 {

@@ -275,7 +275,91 @@ fn the_shipped_files_parse_in_both_environments_with_the_documented_defaults() {
                 Duration::from_secs(24 * 3600)
             );
             assert!(settings.generated.is_empty());
+            assert_eq!(settings.ops_bind, None);
+            assert_eq!(settings.webhook.max_inflight_body_bytes, 64 * 1024 * 1024);
+            assert_eq!(settings.store.migrate_lock_timeout, Duration::from_secs(60));
+            assert_eq!(settings.http.idle_timeout, Duration::from_secs(60));
+            assert_eq!(settings.http.max_connections, 4096);
+            let delay = match environment {
+                Environment::Local => Duration::ZERO,
+                Environment::Production => Duration::from_secs(5),
+            };
+            assert_eq!(settings.http.shutdown_delay, delay);
+            assert_eq!(settings.query.max_waiters, 1024);
+            assert_eq!(settings.runs.stuck_after, Duration::from_secs(3600));
+            let retention = &settings.retention;
+            assert_eq!(retention.payloads, Some(Duration::from_secs(90 * 86_400)));
+            assert_eq!(retention.runs, None);
+            assert_eq!(retention.rejected, Some(Duration::from_secs(30 * 86_400)));
+            assert_eq!(retention.sweep_interval, Duration::from_secs(60));
         }
+    }
+}
+
+#[test]
+fn the_hardening_and_operations_settings_have_their_documented_variables() {
+    let settings = local_with(&[
+        ("NEN_RELAY_OPS_BIND", "127.0.0.1:9090"),
+        ("NEN_RELAY_HTTP__IDLE_TIMEOUT_MS", "1500"),
+        ("NEN_RELAY_HTTP__MAX_CONNECTIONS", "512"),
+        ("NEN_RELAY_HTTP__SHUTDOWN_DELAY_MS", "250"),
+        ("NEN_RELAY_WEBHOOK__MAX_INFLIGHT_BODY_BYTES", "8388608"),
+        ("NEN_RELAY_STORE__MIGRATE_LOCK_TIMEOUT_MS", "3000"),
+        ("NEN_RELAY_QUERY__MAX_WAITERS", "64"),
+        ("NEN_RELAY_RUNS__STUCK_AFTER", "2h"),
+        ("NEN_RELAY_RETENTION__PAYLOADS", "30d"),
+        ("NEN_RELAY_RETENTION__RUNS", "365d"),
+        ("NEN_RELAY_RETENTION__REJECTED", "off"),
+        ("NEN_RELAY_RETENTION__SWEEP_INTERVAL", "30s"),
+    ])
+    .unwrap();
+    assert_eq!(settings.ops_bind.unwrap().to_string(), "127.0.0.1:9090");
+    assert_eq!(settings.http.idle_timeout, Duration::from_millis(1500));
+    assert_eq!(settings.http.max_connections, 512);
+    assert_eq!(settings.http.shutdown_delay, Duration::from_millis(250));
+    assert_eq!(settings.webhook.max_inflight_body_bytes, 8 * 1024 * 1024);
+    assert_eq!(settings.store.migrate_lock_timeout, Duration::from_secs(3));
+    assert_eq!(settings.query.max_waiters, 64);
+    assert_eq!(settings.runs.stuck_after, Duration::from_secs(7200));
+    assert_eq!(
+        settings.retention.payloads,
+        Some(Duration::from_secs(30 * 86_400))
+    );
+    assert_eq!(
+        settings.retention.runs,
+        Some(Duration::from_secs(365 * 86_400))
+    );
+    assert_eq!(settings.retention.rejected, None);
+    assert_eq!(settings.retention.sweep_interval, Duration::from_secs(30));
+}
+
+#[test]
+fn limits_that_could_never_work_are_refused_and_named() {
+    for (pairs, named) in [
+        (
+            &[("NEN_RELAY_WEBHOOK__MAX_INFLIGHT_BODY_BYTES", "1000")][..],
+            "webhook.max_inflight_body_bytes",
+        ),
+        (
+            &[("NEN_RELAY_HTTP__MAX_CONNECTIONS", "0")][..],
+            "http.max_connections",
+        ),
+        (
+            &[("NEN_RELAY_QUERY__MAX_WAITERS", "0")][..],
+            "query.max_waiters",
+        ),
+        (
+            &[("NEN_RELAY_RETENTION__SWEEP_INTERVAL", "0s")][..],
+            "retention.sweep_interval",
+        ),
+        (
+            &[("NEN_RELAY_OPS_BIND", "127.0.0.1:8080")][..],
+            "NEN_RELAY_OPS_BIND",
+        ),
+        (&[("NEN_RELAY_RETENTION__RUNS", "never")][..], "never"),
+    ] {
+        let message = error_text(local_with(pairs));
+        assert!(message.contains(named), "{pairs:?}: {message}");
     }
 }
 
@@ -440,11 +524,11 @@ fn both_spellings_of_a_duration_are_an_error_naming_both() {
 
 #[test]
 fn any_millisecond_key_maps_to_its_duration_key() {
-    // No setting named `http.idle_timeout` exists yet: the error shows that the variable was
+    // No setting named `http.linger_timeout` exists: the error shows that the variable was
     // read as that duration, and names the variable as it was written.
-    let error = error_text(local_with(&[("NEN_RELAY_HTTP__IDLE_TIMEOUT_MS", "60000")]));
-    assert!(error.contains("NEN_RELAY_HTTP__IDLE_TIMEOUT_MS"), "{error}");
-    assert!(error.contains("`idle_timeout`"), "{error}");
+    let error = error_text(local_with(&[("NEN_RELAY_HTTP__LINGER_TIMEOUT_MS", "60000")]));
+    assert!(error.contains("NEN_RELAY_HTTP__LINGER_TIMEOUT_MS"), "{error}");
+    assert!(error.contains("`linger_timeout`"), "{error}");
 }
 
 #[test]
@@ -618,8 +702,8 @@ fn unknown_keys_are_refused_and_named() {
         ),
         (
             "default.toml",
-            "[retention]\npayloads = \"90d\"\n",
-            "retention",
+            "[archive]\nafter = \"90d\"\n",
+            "archive",
         ),
     ] {
         let dir = config_dir_with(&[(file, text)]);

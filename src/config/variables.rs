@@ -26,6 +26,7 @@ use super::ConfigError;
 /// Variable names that the service documents, and the key each one sets.
 const ALIASES: &[(&str, &str)] = &[
     ("NEN_RELAY_BIND", "bind"),
+    ("NEN_RELAY_OPS_BIND", "ops_bind"),
     ("DATABASE_URL", "database_url"),
     ("NEN_WEBHOOK_SECRETS", "webhook_secrets"),
     ("NEN_RELAY_API_TOKENS", "api_tokens"),
