@@ -17,6 +17,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -44,6 +45,7 @@ pub struct Application {
     writers: Writers,
     shutdown_timeout: Duration,
     http: crate::config::HttpSettings,
+    draining: CancellationToken,
 }
 
 impl Application {
@@ -73,6 +75,7 @@ impl Application {
         // connection cannot hold a writer forever.
         let store_timeout = settings.store.statement_timeout + settings.store.acquire_timeout;
         let (ingest, writers) = Ingest::start(store.clone(), &settings.ingest, store_timeout);
+        let draining = CancellationToken::new();
         let state = AppState {
             webhook_keys: Arc::new(WebhookKeys::new(&settings.webhook_secrets)),
             api_tokens: Arc::new(ApiTokens::new(&settings.api_tokens)),
@@ -80,6 +83,7 @@ impl Application {
             store,
             ingest,
             settings: Arc::new(settings.clone()),
+            draining: draining.clone(),
         };
         tracing::info!(
             webhook_key_ids = ?state.webhook_keys.ids(),
@@ -92,6 +96,7 @@ impl Application {
             writers,
             shutdown_timeout: settings.http.shutdown_timeout,
             http: settings.http,
+            draining,
         })
     }
 
@@ -117,6 +122,7 @@ impl Application {
             writers,
             shutdown_timeout,
             http,
+            draining,
         } = self;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -156,6 +162,7 @@ impl Application {
             }
         }
         drop(listener);
+        draining.cancel();
         tracing::info!("shutting down: finishing in-flight requests");
         if tokio::time::timeout(shutdown_timeout, graceful.shutdown())
             .await

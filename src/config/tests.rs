@@ -526,8 +526,14 @@ fn both_spellings_of_a_duration_are_an_error_naming_both() {
 fn any_millisecond_key_maps_to_its_duration_key() {
     // No setting named `http.linger_timeout` exists: the error shows that the variable was
     // read as that duration, and names the variable as it was written.
-    let error = error_text(local_with(&[("NEN_RELAY_HTTP__LINGER_TIMEOUT_MS", "60000")]));
-    assert!(error.contains("NEN_RELAY_HTTP__LINGER_TIMEOUT_MS"), "{error}");
+    let error = error_text(local_with(&[(
+        "NEN_RELAY_HTTP__LINGER_TIMEOUT_MS",
+        "60000",
+    )]));
+    assert!(
+        error.contains("NEN_RELAY_HTTP__LINGER_TIMEOUT_MS"),
+        "{error}"
+    );
     assert!(error.contains("`linger_timeout`"), "{error}");
 }
 
@@ -700,11 +706,7 @@ fn unknown_keys_are_refused_and_named() {
             "[http]\nmax_inflight = 3\n",
             "http.max_inflight",
         ),
-        (
-            "default.toml",
-            "[archive]\nafter = \"90d\"\n",
-            "archive",
-        ),
+        ("default.toml", "[archive]\nafter = \"90d\"\n", "archive"),
     ] {
         let dir = config_dir_with(&[(file, text)]);
         let error = error_text(Settings::from_sources(

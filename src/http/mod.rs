@@ -10,6 +10,8 @@ pub mod runs;
 
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::callbacks::ingest::Ingest;
 use crate::callbacks::signature::WebhookKeys;
 use crate::config::Settings;
@@ -27,4 +29,7 @@ pub struct AppState {
     pub webhook_keys: Arc<WebhookKeys>,
     pub api_tokens: Arc<ApiTokens>,
     pub nen: NenClient,
+    /// Cancelled when the server stops accepting connections: requests that would wait (a
+    /// long poll) answer at once, so that the drain is not held up.
+    pub draining: CancellationToken,
 }
