@@ -34,6 +34,7 @@ use crate::http::middleware::{
     overloaded, panic_response, record_request_metrics, REQUEST_ID,
 };
 use crate::http::readiness::Readiness;
+use crate::http::scrape::Scrape;
 use crate::http::{callbacks, ops, runs, AppState};
 use crate::nen::NenClient;
 use crate::store::{self, Store};
@@ -184,6 +185,7 @@ impl Application {
 pub fn router(state: AppState) -> Router {
     let max_in_flight = state.settings.http.max_in_flight;
     let readiness = Arc::new(Readiness::new(state.store.clone()));
+    let scrape = Arc::new(Scrape::new(state.store.clone(), state.ingest.clone()));
     // Everything under /v1, unknown paths included, needs a token: a caller without one learns
     // nothing about which routes exist.
     let v1 = Router::new()
@@ -199,7 +201,7 @@ pub fn router(state: AppState) -> Router {
         .route("/webhooks/nen", post(callbacks::receive))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz).with_state(readiness))
-        .route("/metrics", get(ops::metrics))
+        .route("/metrics", get(ops::metrics).with_state(scrape))
         .nest("/v1", v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

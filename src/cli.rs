@@ -35,6 +35,9 @@ pub enum Command {
     Sign(SignArgs),
     /// Exit 0 when the local server answers GET /healthz (for container health checks).
     Healthcheck(HealthcheckArgs),
+    /// Read the settings as `serve` would, without starting anything; exit non-zero naming the
+    /// first problem, or a NEN_* variable that sets nothing (most likely misspelt).
+    CheckConfig,
 }
 
 #[derive(Debug, Args)]
@@ -68,8 +71,40 @@ pub async fn serve() -> anyhow::Result<()> {
             value.expose_secret()
         );
     }
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        environment = settings.environment.as_str(),
+        "starting nen-relay"
+    );
+    for name in crate::config::unrecognised_variables() {
+        tracing::warn!(variable = %name, "this variable sets nothing; is it misspelt?");
+    }
     let application = Application::build(settings).await?;
     application.run_until_stopped(shutdown_signal()).await
+}
+
+/// `nen-relay check-config`: the settings `serve` would run with are valid, and every `NEN_*`
+/// variable in the environment is one that nen-relay reads. Prints a summary without secrets.
+pub fn check_config() -> anyhow::Result<()> {
+    let settings = Settings::load()?;
+    let unrecognised = crate::config::unrecognised_variables();
+    anyhow::ensure!(
+        unrecognised.is_empty(),
+        "{} set nothing (misspelt?); see config/default.toml for every setting",
+        unrecognised.join(", ")
+    );
+    // Validated by `load`: the URL names one of the two backends.
+    let store = match crate::store::Backend::from_url(settings.database_url.expose_secret()) {
+        Ok(crate::store::Backend::Postgres) => "PostgreSQL",
+        Ok(crate::store::Backend::Sqlite) => "SQLite",
+        Err(_) => "unknown",
+    };
+    println!(
+        "configuration is valid: NEN_RELAY_ENV={}, listening on {}, store {store}",
+        settings.environment.as_str(),
+        settings.bind
+    );
+    Ok(())
 }
 
 /// `nen-relay migrate`.

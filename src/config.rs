@@ -386,6 +386,13 @@ impl Settings {
     }
 }
 
+/// Variables of the process environment named like nen-relay's (`NEN_...`) that set nothing:
+/// most likely misspelt. `serve` warns about them; `check-config` refuses them.
+pub fn unrecognised_variables() -> Vec<String> {
+    let variables: BTreeMap<String, String> = std::env::vars().collect();
+    variables::unrecognised(&variables)
+}
+
 /// `NEN_RELAY_CONFIG_DIR`, or `config`.
 fn config_dir() -> PathBuf {
     std::env::var_os("NEN_RELAY_CONFIG_DIR")

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
             Command::Migrate => nen_relay::cli::migrate().await,
             Command::Sign(args) => nen_relay::cli::sign(args),
             Command::Healthcheck(args) => nen_relay::cli::healthcheck(args).await,
+            Command::CheckConfig => nen_relay::cli::check_config(),
         }
     });
     match outcome {

@@ -4,7 +4,11 @@
 //! method is a standard one or `other`, and routes are the matched route templates or
 //! `unmatched`, never raw paths. Whatever clients send, `/metrics` stays small.
 
-use metrics::{counter, histogram};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+
+use crate::store::PoolUsage;
 
 pub const CALLBACKS_TOTAL: &str = "nen_relay_callbacks_total";
 pub const CALLBACKS_BY_KEY_TOTAL: &str = "nen_relay_callbacks_by_key_total";
@@ -14,6 +18,86 @@ pub const INGEST_BATCH_SIZE: &str = "nen_relay_ingest_batch_size";
 pub const INGEST_COMMIT_DURATION: &str = "nen_relay_ingest_commit_duration_seconds";
 pub const INGEST_FAILURES_TOTAL: &str = "nen_relay_ingest_failures_total";
 pub const TRIGGERS_TOTAL: &str = "nen_relay_triggers_total";
+pub const BUILD_INFO: &str = "nen_relay_build_info";
+pub const INGEST_QUEUE_DEPTH: &str = "nen_relay_ingest_queue_depth";
+pub const STORE_POOL_CONNECTIONS: &str = "nen_relay_store_pool_connections";
+pub const STORE_POOL_IDLE_CONNECTIONS: &str = "nen_relay_store_pool_idle_connections";
+pub const STORE_POOL_MAX_CONNECTIONS: &str = "nen_relay_store_pool_max_connections";
+
+/// Gives every family its `# HELP` line. Runs once, right after the recorder is installed; a
+/// family recorded elsewhere must be described here too (a test checks every family has help).
+pub fn describe_all() {
+    describe_counter!(
+        CALLBACKS_TOTAL,
+        "Callbacks answered on POST /webhooks/nen, by outcome."
+    );
+    describe_counter!(
+        CALLBACKS_BY_KEY_TOTAL,
+        "Verified callbacks by the id of the secret that verified them (rotation)."
+    );
+    describe_counter!(
+        CALLBACK_ANOMALIES_TOTAL,
+        "Stored callbacks that disagree with earlier ones: differing_duplicate, conflicting_terminal."
+    );
+    describe_histogram!(
+        HTTP_REQUEST_DURATION,
+        Unit::Seconds,
+        "Time to answer an HTTP request, by method, matched route and status."
+    );
+    describe_histogram!(
+        INGEST_BATCH_SIZE,
+        Unit::Count,
+        "Callbacks committed together in one transaction."
+    );
+    describe_histogram!(
+        INGEST_COMMIT_DURATION,
+        Unit::Seconds,
+        "Time to write and commit one batch of callbacks."
+    );
+    describe_counter!(
+        INGEST_FAILURES_TOTAL,
+        "Batches of callbacks that could not be committed, by reason."
+    );
+    describe_counter!(
+        TRIGGERS_TOTAL,
+        "Requests to start a run (POST /v1/runs), by outcome."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label names the running build."
+    );
+    describe_gauge!(
+        INGEST_QUEUE_DEPTH,
+        Unit::Count,
+        "Verified callbacks waiting for a writer (at most ingest.queue_capacity)."
+    );
+    describe_gauge!(
+        STORE_POOL_CONNECTIONS,
+        Unit::Count,
+        "Open database connections, by pool."
+    );
+    describe_gauge!(
+        STORE_POOL_IDLE_CONNECTIONS,
+        Unit::Count,
+        "Open database connections not in use, by pool."
+    );
+    describe_gauge!(
+        STORE_POOL_MAX_CONNECTIONS,
+        Unit::Count,
+        "Most connections a pool may open, by pool."
+    );
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// Gauges read at scrape time: how full the ingest queue and the database pools are.
+pub fn record_load(queue_depth: usize, pools: &[PoolUsage]) {
+    gauge!(INGEST_QUEUE_DEPTH).set(queue_depth as f64);
+    for usage in pools {
+        gauge!(STORE_POOL_CONNECTIONS, "pool" => usage.pool).set(f64::from(usage.open));
+        gauge!(STORE_POOL_IDLE_CONNECTIONS, "pool" => usage.pool).set(usage.idle as f64);
+        gauge!(STORE_POOL_MAX_CONNECTIONS, "pool" => usage.pool).set(f64::from(usage.max));
+    }
+}
 
 /// How a callback was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -54,7 +54,9 @@ pub fn prometheus() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Fails only if a recorder is already installed, which only a host program embedding
         // this library could have done; its recorder then keeps receiving the metrics.
-        let _ = metrics::set_global_recorder(recorder);
+        if metrics::set_global_recorder(recorder).is_ok() {
+            crate::metrics::describe_all();
+        }
         handle
     })
 }

@@ -55,6 +55,11 @@ impl Writers {
 }
 
 impl Ingest {
+    /// Callbacks waiting for a writer right now.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
+    }
+
     pub fn start(
         store: Arc<dyn Store>,
         settings: &IngestSettings,

@@ -983,3 +983,18 @@ fn the_fingerprint_key_is_an_optional_secret_with_a_file_form() {
     );
     assert!(!shown.contains("fingerprint-debug"), "{shown}");
 }
+
+#[test]
+fn variables_that_look_like_ours_but_set_nothing_are_found() {
+    let found = variables::unrecognised(&vars(&[
+        ("NEN_WEBHOOK_SECRET", "typo"),
+        ("NEN_WEBHOOK_SECRETS", "right"),
+        ("NEN_API_KEY_FILE", "/run/secrets/nen"),
+        ("NEN_RELAY_ENV", "production"),
+        ("NEN_RELAY_CONFIG_DIR", "/etc/nen-relay"),
+        ("NEN_RELAY_HTTP__MAX_CONNECTIONS", "10"),
+        ("NEN_RELAY_BINDD", "0.0.0.0:1"),
+        ("PATH", "/usr/bin"),
+    ]));
+    assert_eq!(found, ["NEN_RELAY_BINDD", "NEN_WEBHOOK_SECRET"]);
+}

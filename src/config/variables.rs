@@ -100,6 +100,21 @@ fn target(name: &str) -> Result<Option<(String, Reading)>, ConfigError> {
     Ok(Some((segments.join("."), Reading::Text)))
 }
 
+/// Variables read outside the settings tree (they choose which layers apply).
+const READ_ELSEWHERE: &[&str] = &["NEN_RELAY_ENV", "NEN_RELAY_CONFIG_DIR"];
+
+/// Variables named like nen-relay's (`NEN_...`) that set nothing: most likely a misspelling,
+/// e.g. `NEN_WEBHOOK_SECRET` for `NEN_WEBHOOK_SECRETS`.
+pub(super) fn unrecognised(variables: &BTreeMap<String, String>) -> Vec<String> {
+    variables
+        .keys()
+        .filter(|name| name.starts_with("NEN_"))
+        .filter(|name| !READ_ELSEWHERE.contains(&name.as_str()))
+        .filter(|name| matches!(target(name), Ok(None)))
+        .cloned()
+        .collect()
+}
+
 /// The environment layer built from `variables`.
 pub(super) fn layer(variables: &BTreeMap<String, String>) -> Result<Layer, ConfigError> {
     let mut values = Dict::new();

@@ -7,6 +7,7 @@ pub mod middleware;
 pub mod ops;
 pub mod readiness;
 pub mod runs;
+pub mod scrape;
 
 use std::sync::Arc;
 

@@ -9,6 +9,7 @@ use axum::Json;
 use serde_json::json;
 
 use super::readiness::Readiness;
+use super::scrape::Scrape;
 use crate::error::ApiError;
 
 /// 200 while the process runs.
@@ -28,9 +29,9 @@ pub async fn readyz(
 }
 
 /// Prometheus text format.
-pub async fn metrics() -> impl IntoResponse {
+pub async fn metrics(State(scrape): State<Arc<Scrape>>) -> impl IntoResponse {
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::telemetry::prometheus().render(),
+        scrape.render(),
     )
 }

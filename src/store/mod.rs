@@ -23,6 +23,7 @@ mod forward_only;
 mod listing;
 pub mod model;
 mod plan;
+mod pool_usage;
 pub mod postgres;
 mod rows;
 pub mod sqlite;
@@ -37,6 +38,7 @@ pub use model::{
     ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,
     RunCursor, RunPage, RunQuery, StoredResponse, TriggeredRun,
 };
+pub use pool_usage::PoolUsage;
 
 /// Why a store call failed, in the terms the HTTP layer needs.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -129,6 +131,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Answers when the database does (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Each connection pool's name, open connections and idle ones, for `/metrics`.
+    fn pool_usage(&self) -> Vec<PoolUsage>;
 }
 
 /// Connection settings shared by both backends.

@@ -20,7 +20,7 @@ use super::listing::{Listing, ListingFilter};
 use super::model::*;
 use super::plan::BatchPlan;
 use super::rows::{EventRow, RunRow};
-use super::{Store, StoreError, StoreOptions};
+use super::{PoolUsage, Store, StoreError, StoreOptions};
 
 /// Deadlocks and serialization failures between concurrent writers are retried this often.
 const MAX_ATTEMPTS: usize = 3;
@@ -586,5 +586,9 @@ impl Store for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("select 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    fn pool_usage(&self) -> Vec<PoolUsage> {
+        vec![PoolUsage::of("main", &self.pool)]
     }
 }

@@ -25,7 +25,7 @@ use super::listing::{Listing, ListingFilter};
 use super::model::*;
 use super::plan::BatchPlan;
 use super::rows::{EventRow, RunRow};
-use super::{Store, StoreError, StoreOptions};
+use super::{PoolUsage, Store, StoreError, StoreOptions};
 
 pub struct SqliteStore {
     /// One connection: the only way anything is written.
@@ -555,6 +555,13 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("select 1").execute(&self.readers).await?;
         Ok(())
+    }
+
+    fn pool_usage(&self) -> Vec<PoolUsage> {
+        vec![
+            PoolUsage::of("writer", &self.writer),
+            PoolUsage::of("readers", &self.readers),
+        ]
     }
 }
 

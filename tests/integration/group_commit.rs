@@ -118,6 +118,10 @@ impl Store for GatedStore {
             None => self.inner().ping().await,
         }
     }
+
+    fn pool_usage(&self) -> Vec<nen_relay::store::PoolUsage> {
+        self.inner().pool_usage()
+    }
 }
 
 fn delivery(body: &str) -> Delivery {

@@ -3,6 +3,7 @@
 mod support;
 
 mod callbacks;
+mod command_line;
 mod group_commit;
 mod hostile;
 mod operations;

@@ -13,12 +13,87 @@ use crate::on_both_backends;
 use crate::support::app::{callback, error_code};
 use crate::support::metrics::sample;
 use crate::support::process::RelayProcess;
-use crate::support::{logs, TestApp, TestDatabase};
+use crate::support::{logs, Backend, TestApp, TestDatabase};
 
 const CALLBACKS: &str = "nen_relay_callbacks_total";
 /// A sample's name, its labels, and its value.
 type Expected<'a> = (&'a str, Vec<(&'a str, &'a str)>, f64);
 const REQUEST_DURATIONS: &str = "nen_relay_http_request_duration_seconds_count";
+
+/// Every family an operator scrapes says what it is, and the build, the queue, the pools and the
+/// process are there without any traffic having made them.
+async fn every_metric_family_has_help_and_the_basics_are_there(db: TestDatabase) {
+    let backend = db.backend;
+    let app = RelayProcess::start(db, &[]).await;
+    // One callback, so that request, callback and batch families exist too.
+    let body = callback("m-help", "processing", json!({}));
+    assert_eq!(app.deliver(&body).await.status(), StatusCode::OK);
+    let page = app.metrics().await;
+
+    let described: HashSet<&str> = page
+        .lines()
+        .filter_map(|line| line.strip_prefix("# HELP "))
+        .filter_map(|rest| rest.split(' ').next())
+        .collect();
+    let families: std::collections::BTreeSet<&str> = page
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| line.split(['{', ' ']).next().unwrap())
+        .map(|series| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| series.strip_suffix(suffix))
+                .filter(|base| described.contains(base))
+                .unwrap_or(series)
+        })
+        .collect();
+    assert!(families.len() > 10, "too few families in\n{page}");
+    let undescribed: Vec<&&str> = families
+        .iter()
+        .filter(|f| !described.contains(**f))
+        .collect();
+    assert!(
+        undescribed.is_empty(),
+        "no # HELP for {undescribed:?} in\n{page}"
+    );
+
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        sample(&page, "nen_relay_build_info", &[("version", version)]),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "nen_relay_ingest_queue_depth", &[]),
+        Some(0.0),
+        "{page}"
+    );
+    let pools: &[&str] = match backend {
+        Backend::Postgres => &["main"],
+        Backend::Sqlite => &["writer", "readers"],
+    };
+    for pool in pools {
+        let max = sample(
+            &page,
+            "nen_relay_store_pool_max_connections",
+            &[("pool", pool)],
+        );
+        assert!(max.is_some_and(|max| max >= 1.0), "{pool}: {page}");
+        let open = sample(&page, "nen_relay_store_pool_connections", &[("pool", pool)]);
+        let idle = sample(
+            &page,
+            "nen_relay_store_pool_idle_connections",
+            &[("pool", pool)],
+        );
+        assert!(
+            matches!((open, idle, max), (Some(open), Some(idle), Some(max)) if idle <= open && open <= max),
+            "{pool}: open {open:?}, idle {idle:?}, max {max:?}"
+        );
+    }
+    // From the process collector: resident memory, as every Prometheus exporter names it.
+    let resident = sample(&page, "process_resident_memory_bytes", &[]);
+    assert!(resident.is_some_and(|bytes| bytes > 0.0), "{page}");
+}
 
 /// On a process of its own: metrics are process-wide, and an in-process app would count every
 /// other test's requests too.
@@ -270,6 +345,7 @@ async fn refused_methods_and_unknown_paths_get_the_error_shape(db: TestDatabase)
 }
 
 on_both_backends!(
+    every_metric_family_has_help_and_the_basics_are_there,
     health_readiness_and_metrics_need_no_token,
     refused_methods_and_unknown_paths_get_the_error_shape,
     every_response_carries_a_request_id,

@@ -821,6 +821,10 @@ impl Store for HeldClaims {
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }
+
+    fn pool_usage(&self) -> Vec<nen_relay::store::PoolUsage> {
+        self.inner.pool_usage()
+    }
 }
 
 async fn a_client_that_hangs_up_after_the_claim_still_gets_its_run_and_its_key_settled(
