@@ -1,5 +1,7 @@
 //! Command-line definitions, and the subcommands that are not the server itself.
 
+pub mod wait;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,6 +37,9 @@ pub enum Command {
     Sign(SignArgs),
     /// Exit 0 when the local server answers GET /healthz (for container health checks).
     Healthcheck(HealthcheckArgs),
+    /// Wait until a run is terminal and print it. Exit 0: success; 1: failed or any other
+    /// terminal status; 2: --timeout passed first; 3: no answer (bad token, bad request).
+    Wait(wait::WaitArgs),
 }
 
 #[derive(Debug, Args)]

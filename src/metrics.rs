@@ -4,7 +4,7 @@
 //! method is a standard one or `other`, and routes are the matched route templates or
 //! `unmatched`, never raw paths. Whatever clients send, `/metrics` stays small.
 
-use metrics::{counter, histogram};
+use metrics::{counter, gauge, histogram};
 
 pub const CALLBACKS_TOTAL: &str = "nen_relay_callbacks_total";
 pub const CALLBACKS_BY_KEY_TOTAL: &str = "nen_relay_callbacks_by_key_total";
@@ -14,6 +14,9 @@ pub const INGEST_BATCH_SIZE: &str = "nen_relay_ingest_batch_size";
 pub const INGEST_COMMIT_DURATION: &str = "nen_relay_ingest_commit_duration_seconds";
 pub const INGEST_FAILURES_TOTAL: &str = "nen_relay_ingest_failures_total";
 pub const TRIGGERS_TOTAL: &str = "nen_relay_triggers_total";
+pub const RUN_WAITERS: &str = "nen_relay_run_waiters";
+pub const RUNS_STUCK: &str = "nen_relay_runs_stuck";
+pub const FEED_RECONNECTS_TOTAL: &str = "nen_relay_feed_reconnects_total";
 
 /// How a callback was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,4 +107,19 @@ impl TriggerOutcome {
 
 pub fn record_trigger(outcome: TriggerOutcome) {
     counter!(TRIGGERS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+}
+
+/// Requests of this process waiting on a run (`?wait=`) right now.
+pub fn set_run_waiters(waiting: usize) {
+    gauge!(RUN_WAITERS).set(waiting as f64);
+}
+
+/// Stuck runs in the database (every replica reports the same figure), counted up to a cap.
+pub fn set_runs_stuck(count: u64) {
+    gauge!(RUNS_STUCK).set(count as f64);
+}
+
+/// The terminal-run feed (PostgreSQL) was lost and opened again.
+pub fn record_feed_reconnect() {
+    counter!(FEED_RECONNECTS_TOTAL).increment(1);
 }
