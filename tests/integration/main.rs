@@ -9,3 +9,4 @@ mod operations;
 mod query;
 mod store_behaviour;
 mod trigger;
+mod waiting;
