@@ -8,5 +8,6 @@ mod hostile;
 mod operations;
 mod query;
 mod store_behaviour;
+mod stuck;
 mod trigger;
 mod waiting;
