@@ -7,6 +7,7 @@ mod group_commit;
 mod hostile;
 mod operations;
 mod query;
+mod replicas;
 mod store_behaviour;
 mod stuck;
 mod trigger;

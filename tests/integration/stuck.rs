@@ -72,8 +72,12 @@ async fn stuck_true_lists_only_stuck_runs_newest_first_in_pages(db: TestDatabase
     for i in 0..7 {
         let id = format!("m-stuck-{i}");
         let workflow = if i % 2 == 0 { "wf-even" } else { "wf-odd" };
-        app.deliver_ok(&callback(&id, "processing", json!({"workflow_id": workflow})))
-            .await;
+        app.deliver_ok(&callback(
+            &id,
+            "processing",
+            json!({"workflow_id": workflow}),
+        ))
+        .await;
         set_updated_at(&app.db, &id, two_hours_ago()).await;
         stuck.push((id, workflow));
         // Runs that are not stuck, in between.
@@ -107,7 +111,9 @@ async fn stuck_true_lists_only_stuck_runs_newest_first_in_pages(db: TestDatabase
     assert_eq!(listed, newest_first);
     assert_eq!(pages, 3);
 
-    let even = app.get_json("/v1/runs?stuck=true&workflow_id=wf-even").await;
+    let even = app
+        .get_json("/v1/runs?stuck=true&workflow_id=wf-even")
+        .await;
     let expected: Vec<String> = stuck
         .iter()
         .rev()
@@ -116,14 +122,21 @@ async fn stuck_true_lists_only_stuck_runs_newest_first_in_pages(db: TestDatabase
         .collect();
     assert_eq!(ids(&even), expected);
     let terminal = app.get_json("/v1/runs?stuck=true&status=failed").await;
-    assert_eq!(ids(&terminal), Vec::<String>::new(), "a terminal run is never stuck");
+    assert_eq!(
+        ids(&terminal),
+        Vec::<String>::new(),
+        "a terminal run is never stuck"
+    );
 
     for bad in ["false", "yes", "1"] {
         let response = app.get(&format!("/v1/runs?stuck={bad}")).await;
         assert_eq!(response.status(), StatusCode::BAD_REQUEST, "stuck={bad}");
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"], "invalid_request");
-        assert!(body["message"].as_str().unwrap().contains("stuck"), "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("stuck"),
+            "{body}"
+        );
     }
 }
 
@@ -149,7 +162,11 @@ async fn stuck_runs_are_counted_up_to_the_cap(db: TestDatabase) {
     set_updated_at(&db, "m-count-done", two_hours_ago()).await;
     let cutoff = Utc::now() - chrono::Duration::hours(1);
     assert_eq!(store.count_stuck_runs(cutoff, 100).await.unwrap(), 4);
-    assert_eq!(store.count_stuck_runs(cutoff, 3).await.unwrap(), 3, "capped");
+    assert_eq!(
+        store.count_stuck_runs(cutoff, 3).await.unwrap(),
+        3,
+        "capped"
+    );
     let long_ago = Utc::now() - chrono::Duration::days(1);
     assert_eq!(store.count_stuck_runs(long_ago, 100).await.unwrap(), 0);
     drop(store);
