@@ -176,7 +176,58 @@ async fn waiters_are_answered_at_shutdown_with_the_run_as_it_is(db: TestDatabase
     );
 }
 
+/// `nen-relay wait` against the app: its output and exit code.
+async fn wait_command(app: &TestApp, args: &[&str], token: &str) -> (Option<i32>, Value, String) {
+    let output = tokio::time::timeout(
+        ANSWER_GUARD,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_nen-relay"))
+            .arg("wait")
+            .args(args)
+            .args(["--url", &app.address])
+            .env_clear()
+            .env("NEN_RELAY_API_TOKENS", format!(" {token} ,other"))
+            .output(),
+    )
+    .await
+    .expect("the command ends")
+    .expect("the command runs");
+    let stdout = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code(), stdout, stderr)
+}
+
+async fn the_wait_command_exits_by_how_the_run_ended(db: TestDatabase) {
+    let app = TestApp::spawn(db).await;
+    let token = app.tokens[1].clone();
+    for (id, status) in [
+        ("m-cli-ok", "success"),
+        ("m-cli-failed", "failed"),
+        ("m-cli-timeout", "timeout"),
+        ("m-cli-running", "processing"),
+    ] {
+        app.deliver_ok(&callback(id, status, json!({}))).await;
+    }
+    let (code, run, _) = wait_command(&app, &["m-cli-ok"], &token).await;
+    assert_eq!((code, &run["status"]), (Some(0), &json!("success")));
+    for id in ["m-cli-failed", "m-cli-timeout"] {
+        let (code, run, _) = wait_command(&app, &[id], &token).await;
+        assert_eq!(code, Some(1), "{id}");
+        assert_eq!(run["message_id"], id);
+    }
+    let (code, run, stderr) =
+        wait_command(&app, &["m-cli-running", "--timeout", "1s"], &token).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(run["status"], "processing", "the run as it was last seen");
+    let (code, _, stderr) = wait_command(&app, &["m-cli-unknown", "--timeout", "1s"], &token).await;
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("no run m-cli-unknown"), "{stderr}");
+    let (code, _, stderr) = wait_command(&app, &["m-cli-ok"], "not-a-token").await;
+    assert_eq!(code, Some(3));
+    assert!(stderr.contains("401"), "{stderr}");
+}
+
 on_both_backends!(
+    the_wait_command_exits_by_how_the_run_ended,
     a_terminal_run_is_answered_at_once,
     a_waiter_is_answered_when_its_run_turns_terminal,
     an_unknown_run_is_not_found_when_the_wait_ends,
