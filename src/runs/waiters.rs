@@ -66,7 +66,7 @@ impl Waiters {
             .clone()
             .try_acquire_owned()
             .map_err(|_| TooManyWaiters(self.waiting()))?;
-        let (notify, waiting) = {
+        let notify = {
             let mut runs = self.runs();
             let run = runs
                 .entry(message_id.to_owned())
@@ -75,9 +75,11 @@ impl Waiters {
                     count: 0,
                 });
             run.count += 1;
-            (run.notify.clone(), total(&runs))
+            let notify = run.notify.clone();
+            // Under the lock, so that the gauge ends at the last count, not a stale one.
+            metrics::set_run_waiters(total(&runs));
+            notify
         };
-        metrics::set_run_waiters(waiting);
         let number = self.inner.registered.fetch_add(1, Ordering::Relaxed);
         Ok(Waiter {
             waiters: self.clone(),
@@ -150,17 +152,14 @@ impl Waiter {
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        let waiting = {
-            let mut runs = self.waiters.runs();
-            if let Some(run) = runs.get_mut(&self.message_id) {
-                run.count -= 1;
-                if run.count == 0 {
-                    runs.remove(&self.message_id);
-                }
+        let mut runs = self.waiters.runs();
+        if let Some(run) = runs.get_mut(&self.message_id) {
+            run.count -= 1;
+            if run.count == 0 {
+                runs.remove(&self.message_id);
             }
-            total(&runs)
-        };
-        metrics::set_run_waiters(waiting);
+        }
+        metrics::set_run_waiters(total(&runs));
     }
 }
 
