@@ -40,12 +40,7 @@ async fn listen(store: &dyn Store, waiters: &Waiters) {
             Ok(None) => return,
             Ok(Some(mut feed)) => {
                 if lost {
-                    let rechecked = waiters.wake_all();
-                    metrics::record_feed_reconnect();
-                    tracing::info!(
-                        rechecked,
-                        "terminal-run feed reconnected; waiters re-read their runs"
-                    );
+                    resumed(waiters);
                 }
                 backoff = FIRST_BACKOFF;
                 loop {
@@ -57,6 +52,7 @@ async fn listen(store: &dyn Store, waiters: &Waiters) {
                             let rechecked = waiters.wake_all();
                             tracing::debug!(rechecked, "the terminal-run feed woke every waiter");
                         }
+                        Ok(FeedEvent::Resumed) => resumed(waiters),
                         Err(error) => {
                             tracing::warn!(%error, "terminal-run feed lost; reconnecting");
                             break;
@@ -72,4 +68,14 @@ async fn listen(store: &dyn Store, waiters: &Waiters) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// The feed is back after a gap in which announcements may have been missed.
+fn resumed(waiters: &Waiters) {
+    let rechecked = waiters.wake_all();
+    metrics::record_feed_reconnect();
+    tracing::info!(
+        rechecked,
+        "terminal-run feed reconnected; waiting requests re-read their runs"
+    );
 }

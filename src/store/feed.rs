@@ -30,9 +30,11 @@ pub const MAX_PAYLOAD_BYTES: usize = 7999;
 pub enum FeedEvent {
     /// These runs turned terminal.
     Terminal(Vec<String>),
-    /// Every waiter should re-read its run: an announcement named no run, or the feed was cut
-    /// and is back, and may have missed some.
+    /// Every waiter should re-read its run: an announcement named no run.
     WakeAll,
+    /// The connection was lost and is back, listening again: announcements made in between
+    /// were missed, so every waiter should re-read its run.
+    Resumed,
 }
 
 /// A live subscription to terminal runs. Dropping it ends the subscription.
@@ -109,7 +111,7 @@ mod tests {
             assert!(payload.len() <= MAX_PAYLOAD_BYTES, "{}", payload.len());
             match read_payload(payload) {
                 FeedEvent::Terminal(ids) => heard.extend(ids),
-                FeedEvent::WakeAll => panic!("no id is too long here"),
+                other => panic!("no id is too long here: {other:?}"),
             }
         }
         assert_eq!(heard, ids);

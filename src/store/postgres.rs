@@ -686,9 +686,8 @@ impl TerminalRunFeed for PgRunFeed {
     async fn next(&mut self) -> Result<FeedEvent, StoreError> {
         match self.listener.try_recv().await {
             Ok(Some(notification)) => Ok(feed::read_payload(notification.payload())),
-            // The connection was lost and has just been replaced (and listens again):
-            // announcements made in between were missed.
-            Ok(None) => Ok(FeedEvent::WakeAll),
+            // The connection was lost and has just been replaced (and listens again).
+            Ok(None) => Ok(FeedEvent::Resumed),
             Err(error) => Err(StoreError::from(error)),
         }
     }
