@@ -69,11 +69,17 @@ async fn a_waiter_on_one_replica_is_woken_by_a_callback_on_the_other() {
         delivered(waits_on, callback(id, "processing", json!({}))).await;
         let waiter = start_waiting(waits_on, id);
         until_waiting(waits_on, 1.0).await;
+        let delivering = Instant::now();
         delivered(delivers_to, callback(id, "success", json!({}))).await;
         let response = tokio::time::timeout(GUARD, waiter)
             .await
             .expect("woken by the other replica's commit, not by the end of the wait")
             .unwrap();
+        // A figure for the record (run with --nocapture), not a condition of the test.
+        println!(
+            "{id}: answered {:?} after the callback was sent to the other replica",
+            delivering.elapsed()
+        );
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.json::<Value>().await.unwrap()["status"], "success");
         until_waiting(waits_on, 0.0).await;
