@@ -84,8 +84,8 @@ impl Application {
             waiters.clone(),
         );
         let draining = CancellationToken::new();
-        // Both stop when the listener closes: waiters are answered then, and stuck runs are
-        // another replica's to count.
+        // Both stop when the listener closes: waiters are answered then, and a replica that
+        // is stopping has no gauge left to refresh.
         feed_listener::spawn(store.clone(), waiters.clone(), draining.clone());
         stuck::spawn_gauge(
             store.clone(),

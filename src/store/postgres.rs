@@ -58,8 +58,9 @@ impl PostgresStore {
         Ok(Self { pool, listen })
     }
 
-    /// The pool's connections: open, and idle among them (`waiting.md` shows them staying flat
-    /// while a thousand requests wait on runs).
+    /// The pool's connections: open, and idle among them. The test
+    /// `waiting::a_thousand_waiters_hold_no_database_connection` reads them while a thousand
+    /// requests wait on runs.
     pub fn pool_connections(&self) -> (u32, usize) {
         (self.pool.size(), self.pool.num_idle())
     }
