@@ -37,6 +37,8 @@ use crate::http::readiness::Readiness;
 use crate::http::scrape::Scrape;
 use crate::http::{callbacks, ops, runs, AppState};
 use crate::nen::NenClient;
+use crate::runs::stuck::{self, StuckRule};
+use crate::runs::{feed_listener, waiters::Waiters};
 use crate::store::{self, Store};
 
 /// A built service: listening, but not yet serving.
@@ -75,14 +77,29 @@ impl Application {
         // Writers give up on a batch a little after the statement timeout, so a hung
         // connection cannot hold a writer forever.
         let store_timeout = settings.store.statement_timeout + settings.store.acquire_timeout;
-        let (ingest, writers) = Ingest::start(store.clone(), &settings.ingest, store_timeout);
+        let waiters = Waiters::new(settings.query.max_waiters, settings.query.wait_recheck);
+        let (ingest, writers) = Ingest::start(
+            store.clone(),
+            &settings.ingest,
+            store_timeout,
+            waiters.clone(),
+        );
         let draining = CancellationToken::new();
+        // Both stop when the listener closes: waiters are answered then, and a replica that
+        // is stopping has no gauge left to refresh.
+        feed_listener::spawn(store.clone(), waiters.clone(), draining.clone());
+        stuck::spawn_gauge(
+            store.clone(),
+            StuckRule::new(settings.runs.stuck_after),
+            draining.clone(),
+        );
         let state = AppState {
             webhook_keys: Arc::new(WebhookKeys::new(&settings.webhook_secrets)),
             api_tokens: Arc::new(ApiTokens::new(&settings.api_tokens)),
             nen: NenClient::new(&settings.nen).context("cannot build the client for Nen")?,
             store,
             ingest,
+            waiters,
             settings: Arc::new(settings.clone()),
             draining: draining.clone(),
         };

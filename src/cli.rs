@@ -1,5 +1,7 @@
 //! Command-line definitions, and the subcommands that are not the server itself.
 
+pub mod wait;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -38,6 +40,9 @@ pub enum Command {
     /// Read the settings as `serve` would, without starting anything; exit non-zero naming the
     /// first problem, or a NEN_* variable that sets nothing (most likely misspelt).
     CheckConfig,
+    /// Wait until a run is terminal and print it. Exit 0: success; 1: failed or any other
+    /// terminal status; 2: --timeout passed first; 3: no answer (bad token, bad request).
+    Wait(wait::WaitArgs),
 }
 
 #[derive(Debug, Args)]

@@ -227,6 +227,10 @@ pub struct TriggerSettings {
 pub struct QuerySettings {
     /// Requests holding `?wait=` at once; past it, 503.
     pub max_waiters: usize,
+    /// How long a waiting request goes without a wake before it reads its run again anyway:
+    /// the safety net for a wake that was lost. Each waiter adds up to as much again.
+    #[serde(with = "humantime_serde")]
+    pub wait_recheck: Duration,
 }
 
 /// What the service says about runs.
@@ -311,6 +315,11 @@ impl Settings {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be positive")));
             }
+        }
+        if self.query.wait_recheck.is_zero() {
+            return Err(ConfigError::Invalid(
+                "query.wait_recheck must be positive".into(),
+            ));
         }
         if self.retention.sweep_interval.is_zero() {
             return Err(ConfigError::Invalid(

@@ -155,6 +155,7 @@ impl From<crate::runs::query::QueryError> for ApiError {
         match error {
             QueryError::RunNotFound(_) => ApiError::NotFound(error.to_string()),
             QueryError::InvalidRequest(message) => ApiError::InvalidRequest(message),
+            QueryError::TooManyWaiters(_) => ApiError::Unavailable(error.to_string()),
             QueryError::Store(error) => ApiError::from(error),
         }
     }

@@ -19,15 +19,19 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
-            Command::Serve => nen_relay::cli::serve().await,
-            Command::Migrate => nen_relay::cli::migrate().await,
-            Command::Sign(args) => nen_relay::cli::sign(args),
-            Command::Healthcheck(args) => nen_relay::cli::healthcheck(args).await,
-            Command::CheckConfig => nen_relay::cli::check_config(),
+            Command::Serve => nen_relay::cli::serve().await.map(|()| ExitCode::SUCCESS),
+            Command::Migrate => nen_relay::cli::migrate().await.map(|()| ExitCode::SUCCESS),
+            Command::Sign(args) => nen_relay::cli::sign(args).map(|()| ExitCode::SUCCESS),
+            Command::Healthcheck(args) => nen_relay::cli::healthcheck(args)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::CheckConfig => nen_relay::cli::check_config().map(|()| ExitCode::SUCCESS),
+            // Its exit code says how the run ended, and it reports its own errors.
+            Command::Wait(args) => Ok(nen_relay::cli::wait::run(args).await),
         }
     });
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             // One line: the reason, with its causes joined.
             eprintln!("error: {error:#}");

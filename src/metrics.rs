@@ -86,6 +86,21 @@ pub fn describe_all() {
         Unit::Count,
         "Most connections a pool may open, by pool."
     );
+    describe_gauge!(
+        RUN_WAITERS,
+        Unit::Count,
+        "Requests waiting on a run with ?wait= (at most query.max_waiters)."
+    );
+    describe_gauge!(
+        RUNS_STUCK,
+        Unit::Count,
+        "Runs not terminal and unchanged for longer than runs.stuck_after (database-wide, counted \
+         every 30 s, capped at 10,000; aggregate replicas with max)."
+    );
+    describe_counter!(
+        FEED_RECONNECTS_TOTAL,
+        "Times the connection that hears of runs turning terminal on other replicas was reopened."
+    );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -98,6 +113,9 @@ pub fn record_load(queue_depth: usize, pools: &[PoolUsage]) {
         gauge!(STORE_POOL_MAX_CONNECTIONS, "pool" => usage.pool).set(f64::from(usage.max));
     }
 }
+pub const RUN_WAITERS: &str = "nen_relay_run_waiters";
+pub const RUNS_STUCK: &str = "nen_relay_runs_stuck";
+pub const FEED_RECONNECTS_TOTAL: &str = "nen_relay_feed_reconnects_total";
 
 /// How a callback was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,4 +206,19 @@ impl TriggerOutcome {
 
 pub fn record_trigger(outcome: TriggerOutcome) {
     counter!(TRIGGERS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+}
+
+/// Requests of this process waiting on a run (`?wait=`) right now.
+pub fn set_run_waiters(waiting: usize) {
+    gauge!(RUN_WAITERS).set(waiting as f64);
+}
+
+/// Stuck runs in the database (every replica reports the same figure), counted up to a cap.
+pub fn set_runs_stuck(count: u64) {
+    gauge!(RUNS_STUCK).set(count as f64);
+}
+
+/// The terminal-run feed (PostgreSQL) was lost and opened again.
+pub fn record_feed_reconnect() {
+    counter!(FEED_RECONNECTS_TOTAL).increment(1);
 }

@@ -13,7 +13,8 @@ use tokio::task::JoinSet;
 
 use crate::config::IngestSettings;
 use crate::metrics;
-use crate::store::{Delivery, DeliveryOutcome, Store, StoreError};
+use crate::runs::waiters::Waiters;
+use crate::store::{feed, Delivery, DeliveryOutcome, Store, StoreError};
 
 /// Why a delivery could not be recorded. Either way the caller answers 503 and Nen retries.
 #[derive(Debug, thiserror::Error)]
@@ -60,10 +61,13 @@ impl Ingest {
         self.queue.max_capacity() - self.queue.capacity()
     }
 
+    /// Starts the writers. After each commit they wake this process's `waiters` of the runs
+    /// it made terminal (other replicas hear of it through the store's terminal-run feed).
     pub fn start(
         store: Arc<dyn Store>,
         settings: &IngestSettings,
         store_timeout: Duration,
+        waiters: Waiters,
     ) -> (Ingest, Writers) {
         let (queue, receiver) = mpsc::channel(settings.queue_capacity);
         let receiver = Arc::new(Mutex::new(receiver));
@@ -74,6 +78,7 @@ impl Ingest {
                 receiver: receiver.clone(),
                 max_batch: settings.max_batch,
                 store_timeout,
+                waiters: waiters.clone(),
             };
             tasks.spawn(writer.run());
         }
@@ -104,6 +109,7 @@ struct Writer {
     receiver: Arc<Mutex<mpsc::Receiver<Job>>>,
     max_batch: usize,
     store_timeout: Duration,
+    waiters: Waiters,
 }
 
 impl Writer {
@@ -135,6 +141,7 @@ impl Writer {
         metrics::record_batch(deliveries.len(), started.elapsed().as_secs_f64());
         match result {
             Ok(outcomes) => {
+                self.waiters.wake(feed::terminal_message_ids(&deliveries));
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }
@@ -149,8 +156,9 @@ impl Writer {
                         .record(single)
                         .await
                         .map(|mut outcomes| outcomes.remove(0));
-                    if let Err(error) = &result {
-                        metrics::record_ingest_failure(failure_reason(error));
+                    match &result {
+                        Ok(_) => self.waiters.wake(feed::terminal_message_ids(single)),
+                        Err(error) => metrics::record_ingest_failure(failure_reason(error)),
                     }
                     let _ = reply.send(result);
                 }

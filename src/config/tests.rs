@@ -286,6 +286,7 @@ fn the_shipped_files_parse_in_both_environments_with_the_documented_defaults() {
             };
             assert_eq!(settings.http.shutdown_delay, delay);
             assert_eq!(settings.query.max_waiters, 1024);
+            assert_eq!(settings.query.wait_recheck, Duration::from_secs(5));
             assert_eq!(settings.runs.stuck_after, Duration::from_secs(3600));
             let retention = &settings.retention;
             assert_eq!(retention.payloads, Some(Duration::from_secs(90 * 86_400)));
@@ -306,6 +307,7 @@ fn the_hardening_and_operations_settings_have_their_documented_variables() {
         ("NEN_RELAY_WEBHOOK__MAX_INFLIGHT_BODY_BYTES", "8388608"),
         ("NEN_RELAY_STORE__MIGRATE_LOCK_TIMEOUT_MS", "3000"),
         ("NEN_RELAY_QUERY__MAX_WAITERS", "64"),
+        ("NEN_RELAY_QUERY__WAIT_RECHECK", "1h"),
         ("NEN_RELAY_RUNS__STUCK_AFTER", "2h"),
         ("NEN_RELAY_RETENTION__PAYLOADS", "30d"),
         ("NEN_RELAY_RETENTION__RUNS", "365d"),
@@ -320,6 +322,7 @@ fn the_hardening_and_operations_settings_have_their_documented_variables() {
     assert_eq!(settings.webhook.max_inflight_body_bytes, 8 * 1024 * 1024);
     assert_eq!(settings.store.migrate_lock_timeout, Duration::from_secs(3));
     assert_eq!(settings.query.max_waiters, 64);
+    assert_eq!(settings.query.wait_recheck, Duration::from_secs(3600));
     assert_eq!(settings.runs.stuck_after, Duration::from_secs(7200));
     assert_eq!(
         settings.retention.payloads,
@@ -347,6 +350,10 @@ fn limits_that_could_never_work_are_refused_and_named() {
         (
             &[("NEN_RELAY_QUERY__MAX_WAITERS", "0")][..],
             "query.max_waiters",
+        ),
+        (
+            &[("NEN_RELAY_QUERY__WAIT_RECHECK", "0s")][..],
+            "query.wait_recheck",
         ),
         (
             &[("NEN_RELAY_RETENTION__SWEEP_INTERVAL", "0s")][..],
@@ -992,6 +999,7 @@ fn variables_that_look_like_ours_but_set_nothing_are_found() {
         ("NEN_API_KEY_FILE", "/run/secrets/nen"),
         ("NEN_RELAY_ENV", "production"),
         ("NEN_RELAY_CONFIG_DIR", "/etc/nen-relay"),
+        ("NEN_RELAY_TOKEN", "for nen-relay wait"),
         ("NEN_RELAY_HTTP__MAX_CONNECTIONS", "10"),
         ("NEN_RELAY_BINDD", "0.0.0.0:1"),
         ("PATH", "/usr/bin"),

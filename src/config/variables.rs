@@ -100,8 +100,14 @@ fn target(name: &str) -> Result<Option<(String, Reading)>, ConfigError> {
     Ok(Some((segments.join("."), Reading::Text)))
 }
 
-/// Variables read outside the settings tree (they choose which layers apply).
-const READ_ELSEWHERE: &[&str] = &["NEN_RELAY_ENV", "NEN_RELAY_CONFIG_DIR"];
+/// Variables read outside the settings tree: which layers apply, and where `nen-relay wait`
+/// finds the server and its token.
+const READ_ELSEWHERE: &[&str] = &[
+    "NEN_RELAY_ENV",
+    "NEN_RELAY_CONFIG_DIR",
+    "NEN_RELAY_URL",
+    "NEN_RELAY_TOKEN",
+];
 
 /// Variables named like nen-relay's (`NEN_...`) that set nothing: most likely a misspelling,
 /// e.g. `NEN_WEBHOOK_SECRET` for `NEN_WEBHOOK_SECRETS`.

@@ -17,6 +17,7 @@ use crate::callbacks::ingest::Ingest;
 use crate::callbacks::signature::WebhookKeys;
 use crate::config::Settings;
 use crate::nen::NenClient;
+use crate::runs::waiters::Waiters;
 use crate::store::Store;
 
 use auth::ApiTokens;
@@ -30,6 +31,8 @@ pub struct AppState {
     pub webhook_keys: Arc<WebhookKeys>,
     pub api_tokens: Arc<ApiTokens>,
     pub nen: NenClient,
+    /// Requests waiting on a run (`?wait=`), woken by commits here and on other replicas.
+    pub waiters: Waiters,
     /// Cancelled when the server stops accepting connections: requests that would wait (a
     /// long poll) answer at once, so that the drain is not held up.
     pub draining: CancellationToken,

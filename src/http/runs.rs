@@ -1,5 +1,5 @@
 //! `/v1/runs`: starting runs (`POST /v1/runs`) and reading them (`GET /v1/runs`,
-//! `GET /v1/runs/{message_id}`, `GET /v1/runs/{message_id}/events`).
+//! `GET /v1/runs/{message_id}` with an optional `?wait=`, `GET /v1/runs/{message_id}/events`).
 //!
 //! Each handler extracts what the request carries, calls one domain function in `runs`, and maps
 //! its one result to one answer.
@@ -9,6 +9,8 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use chrono::Utc;
+use serde::Deserialize;
 
 use super::extract::AppQuery;
 use super::AppState;
@@ -18,6 +20,8 @@ use crate::runs::query::{self, EventList, ListRequest, RunList};
 use crate::runs::start::{
     RunStarter, StartInput, StartPolicy, Started, UnreadableBody, MAX_REQUEST_BYTES,
 };
+use crate::runs::stuck::StuckRule;
+use crate::runs::wait;
 use crate::store::Run;
 
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -43,21 +47,43 @@ pub async fn start_run(
         .map_err(ApiError::from)
 }
 
+/// `GET /v1/runs/{message_id}`'s query. Other parameters are ignored, as they always were.
+#[derive(Debug, Default, Deserialize)]
+pub struct GetRunRequest {
+    /// Seconds to hold the request until the run is terminal. Read as text, so that a bad
+    /// value gets this service's own message.
+    pub wait: Option<String>,
+}
+
 pub async fn get_run(
     State(state): State<AppState>,
     Path(message_id): Path<String>,
+    AppQuery(request): AppQuery<GetRunRequest>,
 ) -> Result<Json<Run>, ApiError> {
-    query::get_run(state.store.as_ref(), &message_id)
-        .await
-        .map(Json)
-        .map_err(ApiError::from)
+    let stuck = StuckRule::new(state.settings.runs.stuck_after);
+    let run = match wait::parse_wait(request.wait.as_deref())? {
+        None => query::get_run(state.store.as_ref(), &stuck, &message_id).await?,
+        Some(wait) => {
+            let run = wait::wait_for_run(
+                state.store.as_ref(),
+                &state.waiters,
+                &message_id,
+                wait,
+                &state.draining,
+            )
+            .await?;
+            stuck.mark(run, Utc::now())
+        }
+    };
+    Ok(Json(run))
 }
 
 pub async fn list_runs(
     State(state): State<AppState>,
     AppQuery(request): AppQuery<ListRequest>,
 ) -> Result<Json<RunList>, ApiError> {
-    query::list_runs(state.store.as_ref(), request)
+    let stuck = StuckRule::new(state.settings.runs.stuck_after);
+    query::list_runs(state.store.as_ref(), &stuck, request)
         .await
         .map(Json)
         .map_err(ApiError::from)

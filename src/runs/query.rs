@@ -5,8 +5,10 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
+use super::stuck::StuckRule;
 use crate::store::{Event, Run, RunCursor, RunQuery, Store, StoreError};
 
 pub const DEFAULT_LIMIT: u32 = 50;
@@ -21,6 +23,9 @@ pub struct ListRequest {
     /// Read as text, so that a bad value gets this service's own message.
     pub limit: Option<String>,
     pub cursor: Option<String>,
+    /// `true`: only stuck runs. Read as text, so that a bad value gets this service's own
+    /// message.
+    pub stuck: Option<String>,
 }
 
 /// One page of runs, newest first.
@@ -44,27 +49,51 @@ pub enum QueryError {
     /// A listing parameter is malformed; the message names it.
     #[error("{0}")]
     InvalidRequest(String),
+    /// `query.max_waiters` requests are waiting on runs already.
+    #[error("{0} requests are waiting on runs already")]
+    TooManyWaiters(usize),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-pub async fn get_run(store: &dyn Store, message_id: &str) -> Result<Run, QueryError> {
+pub async fn get_run(
+    store: &dyn Store,
+    stuck: &StuckRule,
+    message_id: &str,
+) -> Result<Run, QueryError> {
     store
         .get_run(message_id)
         .await?
+        .map(|run| stuck.mark(run, Utc::now()))
         .ok_or_else(|| QueryError::RunNotFound(message_id.to_owned()))
 }
 
-pub async fn list_runs(store: &dyn Store, request: ListRequest) -> Result<RunList, QueryError> {
+pub async fn list_runs(
+    store: &dyn Store,
+    stuck: &StuckRule,
+    request: ListRequest,
+) -> Result<RunList, QueryError> {
+    let only_stuck = parse_stuck(request.stuck.as_deref())?;
     let query = RunQuery {
         workflow_id: request.workflow_id.filter(|value| !value.is_empty()),
         status: request.status.filter(|value| !value.is_empty()),
         limit: parse_limit(request.limit.as_deref())?,
         after: parse_cursor(request.cursor.as_deref())?,
     };
-    let page = store.list_runs(&query).await?;
+    let now = Utc::now();
+    let page = if only_stuck {
+        store
+            .list_stuck_runs(&query, stuck.changed_before(now))
+            .await?
+    } else {
+        store.list_runs(&query).await?
+    };
     Ok(RunList {
-        runs: page.runs,
+        runs: page
+            .runs
+            .into_iter()
+            .map(|run| stuck.mark(run, now))
+            .collect(),
         next_cursor: page.next.map(encode_cursor),
     })
 }
@@ -90,6 +119,18 @@ fn parse_limit(text: Option<&str>) -> Result<u32, QueryError> {
                     "limit must be a whole number from 1 to {MAX_LIMIT}"
                 ))
             }),
+    }
+}
+
+/// Only `true` filters. `false` is refused rather than read as "not stuck": that listing would
+/// be nearly every run, and no index walks it; leave `stuck` out to list every run.
+fn parse_stuck(text: Option<&str>) -> Result<bool, QueryError> {
+    match text {
+        None | Some("") => Ok(false),
+        Some("true") => Ok(true),
+        Some(_) => Err(QueryError::InvalidRequest(
+            "stuck must be true (leave it out to list every run)".into(),
+        )),
     }
 }
 
@@ -135,6 +176,17 @@ mod tests {
         for bad in ["0", "501", "-1", "1.5", "ten", " 5"] {
             let error = parse_limit(Some(bad)).unwrap_err();
             assert!(error.to_string().contains("limit"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn stuck_filters_only_when_true() {
+        assert!(!parse_stuck(None).unwrap());
+        assert!(!parse_stuck(Some("")).unwrap());
+        assert!(parse_stuck(Some("true")).unwrap());
+        for bad in ["false", "1", "TRUE", "yes"] {
+            let error = parse_stuck(Some(bad)).unwrap_err();
+            assert!(error.to_string().contains("stuck"), "{bad}: {error}");
         }
     }
 

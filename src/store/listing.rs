@@ -82,6 +82,7 @@ mod tests {
             error: None,
             triggered_here: false,
             conflicting_terminals: false,
+            stuck: false,
             workflow_params: None,
             seq,
         }

@@ -19,6 +19,7 @@
 //! keeps the two equal.
 
 mod claim;
+pub mod feed;
 mod forward_only;
 mod listing;
 pub mod model;
@@ -32,8 +33,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 
+pub use feed::{FeedEvent, TerminalRunFeed};
 pub use model::{
     ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,
     RunCursor, RunPage, RunQuery, StoredResponse, TriggeredRun,
@@ -134,6 +137,27 @@ pub trait Store: Send + Sync + 'static {
 
     /// Each connection pool's name, open connections and idle ones, for `/metrics`.
     fn pool_usage(&self) -> Vec<PoolUsage>;
+    /// Runs that are not terminal and last changed before `changed_before`, newest first,
+    /// keyset-paginated like [`Store::list_runs`] (whose filters also apply). Walks the index
+    /// of unfinished runs (migration 0003), so the cost follows how many runs are unfinished,
+    /// not how many are stored.
+    async fn list_stuck_runs(
+        &self,
+        query: &RunQuery,
+        changed_before: DateTime<Utc>,
+    ) -> Result<RunPage, StoreError>;
+
+    /// How many runs are not terminal and last changed before `changed_before`, counting no
+    /// further than `cap` (through the same index).
+    async fn count_stuck_runs(
+        &self,
+        changed_before: DateTime<Utc>,
+        cap: u32,
+    ) -> Result<u64, StoreError>;
+
+    /// Subscribes to runs that any writer sharing the database turns terminal, or `None` when
+    /// this process is the only writer (SQLite), whose own commits wake its waiters. See `feed`.
+    async fn terminal_run_feed(&self) -> Result<Option<Box<dyn TerminalRunFeed>>, StoreError>;
 }
 
 /// Connection settings shared by both backends.

@@ -105,6 +105,10 @@ pub struct Run {
     pub triggered_here: bool,
     /// Two different terminal statuses arrived for this run.
     pub conflicting_terminals: bool,
+    /// Not terminal, and unchanged for longer than `runs.stuck_after`. A fact about the run and
+    /// the clock, so it is computed when read (`runs::stuck::StuckRule::mark`), never stored:
+    /// the store always reads it as `false`.
+    pub stuck: bool,
     /// Only present when storing workflow parameters is turned on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workflow_params: Option<Box<RawValue>>,

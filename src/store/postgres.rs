@@ -11,11 +11,12 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::query::QueryAs;
 use sqlx::Postgres;
 
 use super::claim::ExistingClaim;
+use super::feed::{self, FeedEvent, TerminalRunFeed};
 use super::listing::{Listing, ListingFilter};
 use super::model::*;
 use super::plan::BatchPlan;
@@ -27,6 +28,8 @@ const MAX_ATTEMPTS: usize = 3;
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// For the one connection that listens for terminal runs (`feed`), outside the pool.
+    listen: PgConnectOptions,
 }
 
 impl PostgresStore {
@@ -50,8 +53,16 @@ impl PostgresStore {
             // A ping per checkout would double the round trips of every batch; a dead
             // connection fails its first statement instead, and is replaced.
             .test_before_acquire(false)
-            .connect_lazy_with(connect);
-        Ok(Self { pool })
+            .connect_lazy_with(connect.clone());
+        let listen = connect.application_name("nen-relay-listener");
+        Ok(Self { pool, listen })
+    }
+
+    /// The pool's connections: open, and idle among them. The test
+    /// `waiting::a_thousand_waiters_hold_no_database_connection` reads them while a thousand
+    /// requests wait on runs.
+    pub fn pool_connections(&self) -> (u32, usize) {
+        (self.pool.size(), self.pool.num_idle())
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -66,8 +77,10 @@ impl PostgresStore {
 
     async fn try_record(&self, plan: &BatchPlan<'_>) -> Result<Vec<DeliveryOutcome>, sqlx::Error> {
         let groups = GroupColumns::of(plan);
+        let announcements = feed::payloads(feed::terminal_message_ids(plan.deliveries));
         let rows: Vec<BatchRow> = groups
             .bind(sqlx::query_as(RECORD_BATCH))
+            .bind(&announcements)
             .fetch_all(&self.pool)
             .await?;
         let index = group_index(plan);
@@ -128,6 +141,12 @@ struct BatchRow {
 ///    every run, which made a batch cost quadratic in its size.
 /// 3. `moved_runs`: each of those runs is created or moved forward: `RunState::advanced` in
 ///    SQL, as the `on conflict` clause. `status_rank` 2 is terminal (see the migration).
+///
+/// 4. `announced`: the runs the batch's terminal deliveries made (or found) terminal are
+///    announced on `feed::CHANNEL`, one `pg_notify` per payload in `$18` (`feed::payloads`).
+///    PostgreSQL delivers them at commit, so a listener never hears of a change before it can
+///    read it, and never of a batch that rolled back. The last branch's one-time filter is what
+///    makes the statement evaluate `announced`; it is always true.
 ///
 /// Every group comes back as `(message_id, status, inserted, stored_body_sha256)`, and every
 /// moved run as `(message_id, its final status, null, null)`. Rows are written in key order, so
@@ -213,13 +232,18 @@ moved_runs as (
                           then excluded.assets_url else runs.assets_url end,
         error = case when excluded.status_rank > runs.status_rank
                      then excluded.error else runs.error end
-    returning message_id, status)
+    returning message_id, status),
+announced as (
+    select count(*) as sent
+    from (select pg_notify('nen_relay_terminal_runs', payload)
+          from unnest($18::text[]) as payload) as notifications)
 select message_id, status, inserted,
        case when inserted then null else body_sha256 end as stored_body_sha256
 from recorded_events
 union all
 select message_id, status, null, null
-from moved_runs";
+from moved_runs
+where (select sent from announced) >= 0";
 
 /// The groups of a batch, column by column in key order, as [`RECORD_BATCH`] binds them.
 struct GroupColumns<'a> {
@@ -409,6 +433,25 @@ const LIST_RUNS_OF_WORKFLOW_WITH_STATUS: &str = concat!(
       order by seq desc limit $4"
 );
 
+/// Stuck runs (`Store::list_stuck_runs`): unfinished, unchanged since `$1`, walked backwards
+/// through `runs_unfinished` (migration 0003), whose predicate `status_rank < 2` this repeats
+/// word for word so that the planner can use it. The optional filters only narrow that walk.
+const LIST_STUCK_RUNS: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs
+      where status_rank < 2 and updated_at < $1
+        and ($2::text is null or workflow_id = $2)
+        and ($3::text is null or status = $3)
+        and seq < $4
+      order by seq desc limit $5"
+);
+
+/// Counts stuck runs through `runs_unfinished`, stopping at `$2`.
+const COUNT_STUCK_RUNS: &str = "\
+select count(*) from (
+    select 1 from runs where status_rank < 2 and updated_at < $1 limit $2) as stuck";
+
 /// A run's events in arrival order, which is `received_at`: ids follow insertion, and a batch
 /// inserts its events in key order (to take locks in one order), not in the order they arrived.
 /// `conflicting_terminal` follows `forward_only::terminals_conflict`: a terminal event whose run
@@ -590,5 +633,67 @@ impl Store for PostgresStore {
 
     fn pool_usage(&self) -> Vec<PoolUsage> {
         vec![PoolUsage::of("main", &self.pool)]
+    }
+
+    async fn list_stuck_runs(
+        &self,
+        query: &RunQuery,
+        changed_before: DateTime<Utc>,
+    ) -> Result<RunPage, StoreError> {
+        let listing = Listing::of(query);
+        let rows: Vec<RunRow<DateTime<Utc>>> = sqlx::query_as(LIST_STUCK_RUNS)
+            .bind(changed_before)
+            .bind(query.workflow_id.as_deref())
+            .bind(query.status.as_deref())
+            .bind(listing.before_seq)
+            .bind(listing.fetch)
+            .fetch_all(&self.pool)
+            .await?;
+        let runs = rows
+            .into_iter()
+            .map(|row| row.into_run(Ok))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(listing.page(runs))
+    }
+
+    async fn count_stuck_runs(
+        &self,
+        changed_before: DateTime<Utc>,
+        cap: u32,
+    ) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar(COUNT_STUCK_RUNS)
+            .bind(changed_before)
+            .bind(i64::from(cap))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    async fn terminal_run_feed(&self) -> Result<Option<Box<dyn TerminalRunFeed>>, StoreError> {
+        // A pool of its own, of one connection: listening never takes a connection from the
+        // requests' pool, however long it lasts.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(self.listen.clone());
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(feed::CHANNEL).await?;
+        Ok(Some(Box::new(PgRunFeed { listener })))
+    }
+}
+
+/// `LISTEN nen_relay_terminal_runs` on a connection of its own.
+struct PgRunFeed {
+    listener: PgListener,
+}
+
+#[async_trait]
+impl TerminalRunFeed for PgRunFeed {
+    async fn next(&mut self) -> Result<FeedEvent, StoreError> {
+        match self.listener.try_recv().await {
+            Ok(Some(notification)) => Ok(feed::read_payload(notification.payload())),
+            // The connection was lost and has just been replaced (and listens again).
+            Ok(None) => Ok(FeedEvent::Resumed),
+            Err(error) => Err(StoreError::from(error)),
+        }
     }
 }

@@ -51,6 +51,7 @@ impl<Time> RunRow<Time> {
             error: self.error,
             triggered_here: self.triggered_here,
             conflicting_terminals: self.conflicting_terminals,
+            stuck: false,
             workflow_params: self.workflow_params.map(json_or_string),
             seq: self.seq,
         })

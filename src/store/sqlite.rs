@@ -20,6 +20,7 @@ use sqlx::sqlite::{
 };
 
 use super::claim::ExistingClaim;
+use super::feed::TerminalRunFeed;
 use super::forward_only::RunState;
 use super::listing::{Listing, ListingFilter};
 use super::model::*;
@@ -394,6 +395,26 @@ from events
 where message_id = ?
 order by received_at, id";
 
+/// Stuck runs (`Store::list_stuck_runs`): unfinished, unchanged since `?1` (times are text in
+/// one fixed-width form, so text order is time order), walked backwards through
+/// `runs_unfinished` (migration 0003), whose predicate `status_rank < 2` this repeats word for
+/// word so that the planner can use it. The optional filters only narrow that walk.
+const LIST_STUCK_RUNS: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs
+      where status_rank < 2 and updated_at < ?1
+        and (?2 is null or workflow_id = ?2)
+        and (?3 is null or status = ?3)
+        and seq < ?4
+      order by seq desc limit ?5"
+);
+
+/// Counts stuck runs through `runs_unfinished`, stopping at `?2`.
+const COUNT_STUCK_RUNS: &str = "\
+select count(*) from (
+    select 1 from runs where status_rank < 2 and updated_at < ?1 limit ?2)";
+
 fn run_from_row(row: RunRow<String>) -> Result<Run, StoreError> {
     row.into_run(|text| time_from_text(&text))
 }
@@ -562,6 +583,45 @@ impl Store for SqliteStore {
             PoolUsage::of("writer", &self.writer),
             PoolUsage::of("readers", &self.readers),
         ]
+    }
+
+    async fn list_stuck_runs(
+        &self,
+        query: &RunQuery,
+        changed_before: DateTime<Utc>,
+    ) -> Result<RunPage, StoreError> {
+        let listing = Listing::of(query);
+        let rows: Vec<RunRow<String>> = sqlx::query_as(LIST_STUCK_RUNS)
+            .bind(time_text(changed_before))
+            .bind(query.workflow_id.as_deref())
+            .bind(query.status.as_deref())
+            .bind(listing.before_seq)
+            .bind(listing.fetch)
+            .fetch_all(&self.readers)
+            .await?;
+        let runs = rows
+            .into_iter()
+            .map(run_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(listing.page(runs))
+    }
+
+    async fn count_stuck_runs(
+        &self,
+        changed_before: DateTime<Utc>,
+        cap: u32,
+    ) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar(COUNT_STUCK_RUNS)
+            .bind(time_text(changed_before))
+            .bind(i64::from(cap))
+            .fetch_one(&self.readers)
+            .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    /// None: every write goes through this process, whose ingest wakes its own waiters.
+    async fn terminal_run_feed(&self) -> Result<Option<Box<dyn TerminalRunFeed>>, StoreError> {
+        Ok(None)
     }
 }
 

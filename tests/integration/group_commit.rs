@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use nen_relay::callbacks::ingest::{Ingest, IngestError};
 use nen_relay::callbacks::payload::parse_callback;
 use nen_relay::config::IngestSettings;
+use nen_relay::runs::waiters::Waiters;
 use nen_relay::store::{
     self, ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,
-    RunPage, RunQuery, Store, StoreError, StoredResponse, TriggeredRun,
+    RunPage, RunQuery, Store, StoreError, StoredResponse, TerminalRunFeed, TriggeredRun,
 };
 use reqwest::StatusCode;
 use tokio::sync::{oneshot, Semaphore};
@@ -122,6 +123,24 @@ impl Store for GatedStore {
     fn pool_usage(&self) -> Vec<nen_relay::store::PoolUsage> {
         self.inner().pool_usage()
     }
+
+    async fn list_stuck_runs(
+        &self,
+        query: &RunQuery,
+        changed_before: DateTime<Utc>,
+    ) -> Result<RunPage, StoreError> {
+        self.inner().list_stuck_runs(query, changed_before).await
+    }
+    async fn count_stuck_runs(
+        &self,
+        changed_before: DateTime<Utc>,
+        cap: u32,
+    ) -> Result<u64, StoreError> {
+        self.inner().count_stuck_runs(changed_before, cap).await
+    }
+    async fn terminal_run_feed(&self) -> Result<Option<Box<dyn TerminalRunFeed>>, StoreError> {
+        self.inner().terminal_run_feed().await
+    }
 }
 
 fn delivery(body: &str) -> Delivery {
@@ -147,7 +166,12 @@ async fn record_in_one_batch(
         max_batch: 64,
         queue_capacity: 64,
     };
-    let (ingest, writers) = Ingest::start(gated.clone(), &settings, Duration::from_secs(30));
+    let (ingest, writers) = Ingest::start(
+        gated.clone(),
+        &settings,
+        Duration::from_secs(30),
+        Waiters::new(1, Duration::from_secs(5)),
+    );
 
     // A first delivery occupies the writer until the gate opens.
     let mut holder = Box::pin(ingest.record(delivery(&callback(

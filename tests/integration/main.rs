@@ -8,5 +8,8 @@ mod group_commit;
 mod hostile;
 mod operations;
 mod query;
+mod replicas;
 mod store_behaviour;
+mod stuck;
 mod trigger;
+mod waiting;

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use fake_nen::{FakeNen, FakeNenOptions};
 use nen_relay::app::Application;
 use nen_relay::config::{Environment, Settings};
 use nen_relay::nen::signing;
 use nen_relay::store::{
     self, ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,
-    RunPage, RunQuery, Store, StoreError, StoredResponse, TriggeredRun,
+    RunPage, RunQuery, Store, StoreError, StoredResponse, TerminalRunFeed, TriggeredRun,
 };
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
@@ -824,6 +825,24 @@ impl Store for HeldClaims {
 
     fn pool_usage(&self) -> Vec<nen_relay::store::PoolUsage> {
         self.inner.pool_usage()
+    }
+
+    async fn list_stuck_runs(
+        &self,
+        query: &RunQuery,
+        changed_before: DateTime<Utc>,
+    ) -> Result<RunPage, StoreError> {
+        self.inner.list_stuck_runs(query, changed_before).await
+    }
+    async fn count_stuck_runs(
+        &self,
+        changed_before: DateTime<Utc>,
+        cap: u32,
+    ) -> Result<u64, StoreError> {
+        self.inner.count_stuck_runs(changed_before, cap).await
+    }
+    async fn terminal_run_feed(&self) -> Result<Option<Box<dyn TerminalRunFeed>>, StoreError> {
+        self.inner.terminal_run_feed().await
     }
 }
 

@@ -61,6 +61,15 @@ impl TestApp {
         Self::spawn_inner(db, |_| {}, Some(store)).await
     }
 
+    /// Serves with `store` and the variables `adjust` sets.
+    pub async fn spawn_with_store_and(
+        db: TestDatabase,
+        store: Arc<dyn Store>,
+        adjust: impl FnOnce(&mut BTreeMap<String, String>),
+    ) -> TestApp {
+        Self::spawn_inner(db, adjust, Some(store)).await
+    }
+
     async fn spawn_inner(
         db: TestDatabase,
         adjust: impl FnOnce(&mut BTreeMap<String, String>),

@@ -5,6 +5,7 @@ pub mod app;
 pub mod backends;
 pub mod logs;
 pub mod metrics;
+pub mod observed;
 mod postgres;
 pub mod process;
 pub mod stored;

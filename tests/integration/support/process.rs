@@ -21,7 +21,7 @@ use super::backends::TestDatabase;
 const START_GUARD: Duration = Duration::from_secs(60);
 
 /// A running `nen-relay serve` with one unique secret and token. Dropping it kills the process
-/// (first: fields drop in order), then removes its database.
+/// (first: fields drop in order), then removes its database unless a replica still uses it.
 pub struct RelayProcess {
     child: Child,
     pid: Pid,
@@ -31,7 +31,8 @@ pub struct RelayProcess {
     pub client: reqwest::Client,
     pub secret: String,
     pub token: String,
-    pub db: TestDatabase,
+    /// Shared with the replicas started beside it (`start_replica_of`).
+    pub db: Arc<TestDatabase>,
 }
 
 impl RelayProcess {
@@ -41,6 +42,24 @@ impl RelayProcess {
         let unique = uuid::Uuid::new_v4().simple().to_string();
         let secret = format!("whsec-process-{unique}");
         let token = format!("token-process-{unique}");
+        Self::launch(Arc::new(db), secret, token, variables).await
+    }
+
+    /// Another replica of `first`: the same database, secret and token, a process of its own.
+    pub async fn start_replica_of(
+        first: &RelayProcess,
+        variables: &[(&str, String)],
+    ) -> RelayProcess {
+        let (secret, token) = (first.secret.clone(), first.token.clone());
+        Self::launch(first.db.clone(), secret, token, variables).await
+    }
+
+    async fn launch(
+        db: Arc<TestDatabase>,
+        secret: String,
+        token: String,
+        variables: &[(&str, String)],
+    ) -> RelayProcess {
         let mut environment: BTreeMap<String, String> = BTreeMap::from([
             ("NEN_RELAY_BIND".into(), "127.0.0.1:0".into()),
             ("DATABASE_URL".into(), db.url.clone()),

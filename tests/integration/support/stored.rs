@@ -37,3 +37,32 @@ where
         }
     }
 }
+
+/// Sets a run's `updated_at`, as if nothing had been heard of it since `time`.
+pub async fn set_updated_at(
+    db: &TestDatabase,
+    message_id: &str,
+    time: chrono::DateTime<chrono::Utc>,
+) {
+    match db.backend {
+        Backend::Postgres => {
+            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query("update runs set updated_at = $1 where message_id = $2")
+                .bind(time)
+                .bind(message_id)
+                .execute(&mut connection)
+                .await
+                .unwrap();
+        }
+        Backend::Sqlite => {
+            let mut connection = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            // The store's one fixed-width UTC form.
+            sqlx::query("update runs set updated_at = ? where message_id = ?")
+                .bind(time.format("%Y-%m-%dT%H:%M:%S%.9fZ").to_string())
+                .bind(message_id)
+                .execute(&mut connection)
+                .await
+                .unwrap();
+        }
+    }
+}
