@@ -4,7 +4,7 @@
 //! method is a standard one or `other`, and routes are the matched route templates or
 //! `unmatched`, never raw paths. Whatever clients send, `/metrics` stays small.
 
-use metrics::{counter, histogram};
+use metrics::{counter, gauge, histogram};
 
 pub const CALLBACKS_TOTAL: &str = "nen_relay_callbacks_total";
 pub const CALLBACKS_BY_KEY_TOTAL: &str = "nen_relay_callbacks_by_key_total";
@@ -14,6 +14,8 @@ pub const INGEST_BATCH_SIZE: &str = "nen_relay_ingest_batch_size";
 pub const INGEST_COMMIT_DURATION: &str = "nen_relay_ingest_commit_duration_seconds";
 pub const INGEST_FAILURES_TOTAL: &str = "nen_relay_ingest_failures_total";
 pub const TRIGGERS_TOTAL: &str = "nen_relay_triggers_total";
+pub const WEBHOOK_BUDGET_EXHAUSTED_TOTAL: &str = "nen_relay_webhook_budget_exhausted_total";
+pub const WEBHOOK_INFLIGHT_BODY_BYTES: &str = "nen_relay_webhook_inflight_body_bytes";
 
 /// How a callback was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +67,21 @@ pub fn record_request(method: &'static str, route: &str, status: u16, seconds: f
         "status" => status.to_string()
     )
     .record(seconds);
+}
+
+/// A callback refused because unverified bodies already hold the whole byte budget.
+pub fn record_body_budget_exhausted() {
+    counter!(WEBHOOK_BUDGET_EXHAUSTED_TOTAL).increment(1);
+}
+
+/// The gauge of bytes reserved for unverified callback bodies moves by each reservation, so
+/// that it stays exact without a lock.
+pub fn add_inflight_body_bytes(bytes: usize) {
+    gauge!(WEBHOOK_INFLIGHT_BODY_BYTES).increment(bytes as f64);
+}
+
+pub fn remove_inflight_body_bytes(bytes: usize) {
+    gauge!(WEBHOOK_INFLIGHT_BODY_BYTES).decrement(bytes as f64);
 }
 
 pub fn record_batch(size: usize, seconds: f64) {

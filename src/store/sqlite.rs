@@ -24,7 +24,7 @@ use super::forward_only::RunState;
 use super::listing::{Listing, ListingFilter};
 use super::model::*;
 use super::plan::BatchPlan;
-use super::rows::{EventRow, RunRow};
+use super::rows::{EventRow, RunRow, StoredText};
 use super::{Store, StoreError, StoreOptions};
 
 pub struct SqliteStore {
@@ -394,8 +394,8 @@ from events
 where message_id = ?
 order by received_at, id";
 
-fn run_from_row(row: RunRow<String>) -> Result<Run, StoreError> {
-    row.into_run(|text| time_from_text(&text))
+fn run_from_row(row: RunRow<StoredText>) -> Result<Run, StoreError> {
+    row.into_run(|text| time_from_text(&text.0))
 }
 
 #[async_trait]
@@ -428,7 +428,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_run(&self, message_id: &str) -> Result<Option<Run>, StoreError> {
-        let row: Option<RunRow<String>> = sqlx::query_as(GET_RUN)
+        let row: Option<RunRow<StoredText>> = sqlx::query_as(GET_RUN)
             .bind(message_id)
             .fetch_optional(&self.readers)
             .await?;
@@ -449,7 +449,7 @@ impl Store for SqliteStore {
                     .bind(status)
             }
         };
-        let rows: Vec<RunRow<String>> = statement
+        let rows: Vec<RunRow<StoredText>> = statement
             .bind(listing.before_seq)
             .bind(listing.fetch)
             .fetch_all(&self.readers)
@@ -462,12 +462,12 @@ impl Store for SqliteStore {
     }
 
     async fn list_events(&self, message_id: &str) -> Result<Vec<Event>, StoreError> {
-        let rows: Vec<EventRow<String>> = sqlx::query_as(LIST_EVENTS)
+        let rows: Vec<EventRow<StoredText>> = sqlx::query_as(LIST_EVENTS)
             .bind(message_id)
             .fetch_all(&self.readers)
             .await?;
         rows.into_iter()
-            .map(|row| row.into_event(|text| time_from_text(&text)))
+            .map(|row| row.into_event(|text| time_from_text(&text.0)))
             .collect()
     }
 
