@@ -395,7 +395,30 @@ where message_id = ?
 order by received_at, id";
 
 fn run_from_row(row: RunRow<StoredText>) -> Result<Run, StoreError> {
-    row.into_run(|text| time_from_text(&text.0))
+    row.into_run(|text| Ok(time_read_leniently(&text.0)))
+}
+
+/// A stored time on the read path. This service writes only `time_text`, but a row written by
+/// another program may hold another form: RFC 3339 and SQLite's own `YYYY-MM-DD HH:MM:SS` are
+/// read too, and anything else is served as the Unix epoch with a warning, so that one row
+/// cannot make a read endpoint fail.
+fn time_read_leniently(text: &str) -> DateTime<Utc> {
+    time_from_text(text)
+        .ok()
+        .or_else(|| {
+            DateTime::parse_from_rfc3339(text)
+                .ok()
+                .map(|time| time.with_timezone(&Utc))
+        })
+        .or_else(|| {
+            NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
+                .ok()
+                .map(|time| time.and_utc())
+        })
+        .unwrap_or_else(|| {
+            tracing::warn!("a stored time does not parse; it is served as the Unix epoch");
+            DateTime::UNIX_EPOCH
+        })
 }
 
 #[async_trait]
@@ -467,7 +490,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.readers)
             .await?;
         rows.into_iter()
-            .map(|row| row.into_event(|text| time_from_text(&text.0)))
+            .map(|row| row.into_event(|text| Ok(time_read_leniently(&text.0))))
             .collect()
     }
 
@@ -579,6 +602,22 @@ mod tests {
             assert_eq!(&time_from_text(text).unwrap(), time);
         }
         assert_eq!(texts[2], "2024-10-30T20:20:00.500000000Z");
+    }
+
+    #[test]
+    fn times_written_by_other_programs_are_read_without_failing() {
+        let noon = Utc.timestamp_opt(1_730_289_600, 0).unwrap();
+        for text in [
+            "2024-10-30T12:00:00.000000000Z",
+            "2024-10-30T12:00:00Z",
+            "2024-10-30T14:00:00+02:00",
+            "2024-10-30 12:00:00",
+        ] {
+            assert_eq!(time_read_leniently(text), noon, "{text:?}");
+        }
+        for text in ["", "yesterday", "caf\u{fffd}"] {
+            assert_eq!(time_read_leniently(text), DateTime::UNIX_EPOCH, "{text:?}");
+        }
     }
 
     #[test]
