@@ -7,8 +7,9 @@
 //! Past the budget, a callback is answered 503 with `Retry-After` at once, without being read.
 
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::metrics;
 
@@ -21,7 +22,15 @@ pub struct BodyBudget {
 struct Inner {
     capacity: usize,
     held: AtomicUsize,
+    /// Refusals are logged as one line per [`WARNING_INTERVAL`] at most (anyone can cause them,
+    /// so a line per request would let anyone fill the log): these count them in between.
+    started: Instant,
+    refused_unlogged: AtomicU64,
+    /// Milliseconds after `started` of the last warning, plus one (0: none yet).
+    last_warning: AtomicU64,
 }
+
+const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Bytes reserved for one body; given back when dropped.
 #[must_use = "the bytes are given back as soon as the reservation is dropped"]
@@ -43,6 +52,9 @@ impl BodyBudget {
             inner: Arc::new(Inner {
                 capacity,
                 held: AtomicUsize::new(0),
+                started: Instant::now(),
+                refused_unlogged: AtomicU64::new(0),
+                last_warning: AtomicU64::new(0),
             }),
         }
     }
@@ -56,6 +68,7 @@ impl BodyBudget {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, fits)
             .map_err(|_| {
                 metrics::record_body_budget_exhausted();
+                self.warn_now_and_then();
                 BudgetExhausted { capacity }
             })?;
         metrics::add_inflight_body_bytes(bytes);
@@ -63,6 +76,29 @@ impl BodyBudget {
             inner: self.inner.clone(),
             bytes,
         })
+    }
+
+    /// Counts a refusal, and logs the count at most once per [`WARNING_INTERVAL`].
+    fn warn_now_and_then(&self) {
+        let inner = &self.inner;
+        inner.refused_unlogged.fetch_add(1, Ordering::Relaxed);
+        let now = inner.started.elapsed().as_millis() as u64 + 1;
+        let last = inner.last_warning.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= WARNING_INTERVAL.as_millis() as u64;
+        if due
+            && inner
+                .last_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let refused = inner.refused_unlogged.swap(0, Ordering::Relaxed);
+            tracing::warn!(
+                refused,
+                capacity = inner.capacity,
+                "unverified callback bodies hold the whole budget: callbacks are answered 503 \
+                 (one line per 10 s at most; see nen_relay_webhook_budget_exhausted_total)"
+            );
+        }
     }
 
     /// Bytes reserved now.

@@ -18,7 +18,7 @@ use axum::Json;
 use super::AppState;
 use crate::callbacks::signature::SIGNATURE_HEADER;
 use crate::callbacks::{self, BodyError, CallbackError, Receiver};
-use crate::error::ApiError;
+use crate::error::{ApiError, ServerErrorDetail};
 
 pub async fn receive(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let limits = &state.settings.webhook;
@@ -37,7 +37,12 @@ pub async fn receive(State(state): State<AppState>, headers: HeaderMap, body: Bo
     let reserve = declared.map_or(limits.max_body_bytes, |length| length as usize);
     let reservation = match state.body_budget.reserve(reserve) {
         Ok(reservation) => reservation,
-        Err(spent) => return refused_unread(spent.into()),
+        Err(spent) => {
+            let mut response = refused_unread(spent.into());
+            // Anyone can cause these: the budget logs them now and then, not one line each.
+            response.extensions_mut().remove::<ServerErrorDetail>();
+            return response;
+        }
     };
     let body = read_body(body, limits.max_body_bytes, limits.body_timeout).await;
     let receiver = Receiver {

@@ -995,6 +995,8 @@ async fn the_body_budget_refuses_with_503_and_recovers(db: TestDatabase) {
     );
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["error"], "unavailable", "{answer}");
+    let again = app.deliver(&body).await;
+    assert_eq!(again.status(), StatusCode::SERVICE_UNAVAILABLE);
     // An unsigned one needs no budget: still its 401.
     let client = reqwest::Client::new();
     let unsigned = client
@@ -1007,7 +1009,7 @@ async fn the_body_budget_refuses_with_503_and_recovers(db: TestDatabase) {
     let metrics = app.metrics().await;
     assert_eq!(
         sample(&metrics, "nen_relay_webhook_budget_exhausted_total", &[]),
-        Some(1.0),
+        Some(2.0),
         "{metrics:.2000}"
     );
     assert_eq!(
@@ -1016,8 +1018,15 @@ async fn the_body_budget_refuses_with_503_and_recovers(db: TestDatabase) {
             "nen_relay_callbacks_total",
             &[("outcome", "unavailable")]
         ),
-        Some(1.0)
+        Some(2.0)
     );
+    // Anyone can cause these refusals: one warning, not a line per request.
+    let logs = app.output();
+    let warnings = logs
+        .matches("unverified callback bodies hold the whole budget")
+        .count();
+    assert_eq!(warnings, 1, "{logs:.3000}");
+    assert!(!logs.contains("request not served"), "{logs:.3000}");
 
     // The holders hang up: their bytes come back, and the same callback is taken.
     drop(held);
