@@ -23,6 +23,11 @@ cargo build --release --locked || { echo "faults: 0 passed, 1 failed"; exit 1; }
 
 check crash python3 faults/crash.py --kills 3 --time-limit 180
 check slow_db python3 faults/slow_db.py --lock-seconds 4 --senders 100
+# Attacks from anonymous clients, while signed callbacks must keep being served (faults/attack.py).
+check method_flood python3 faults/method_flood.py --seconds 15
+check unsigned_body_flood python3 faults/unsigned_body_flood.py --seconds 15
+check wrong_signature_flood python3 faults/wrong_signature_flood.py --seconds 15
+check odd_request_ids python3 faults/odd_request_ids.py --seconds 15
 # The hostile-input corpus is part of `cargo test` (tests/integration/hostile.rs).
 # The first fuzz build compiles every dependency with sanitizers: FAULTS_SKIP_FUZZ=1 skips it.
 if [ "${FAULTS_SKIP_FUZZ:-0}" != 1 ]; then

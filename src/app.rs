@@ -25,6 +25,7 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 use tracing::Level;
 
+use crate::callbacks::budget::BodyBudget;
 use crate::callbacks::ingest::{Ingest, Writers};
 use crate::callbacks::signature::WebhookKeys;
 use crate::config::Settings;
@@ -100,6 +101,7 @@ impl Application {
             store,
             ingest,
             waiters,
+            body_budget: BodyBudget::new(settings.webhook.max_inflight_body_bytes),
             settings: Arc::new(settings.clone()),
             draining: draining.clone(),
         };

@@ -101,6 +101,16 @@ pub fn describe_all() {
         FEED_RECONNECTS_TOTAL,
         "Times the connection that hears of runs turning terminal on other replicas was reopened."
     );
+    describe_counter!(
+        WEBHOOK_BUDGET_EXHAUSTED_TOTAL,
+        "Callbacks answered 503 because unverified bodies in memory reached \
+         webhook.max_inflight_body_bytes."
+    );
+    describe_gauge!(
+        WEBHOOK_INFLIGHT_BODY_BYTES,
+        Unit::Bytes,
+        "Bytes of unverified callback bodies reserved right now."
+    );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -116,6 +126,8 @@ pub fn record_load(queue_depth: usize, pools: &[PoolUsage]) {
 pub const RUN_WAITERS: &str = "nen_relay_run_waiters";
 pub const RUNS_STUCK: &str = "nen_relay_runs_stuck";
 pub const FEED_RECONNECTS_TOTAL: &str = "nen_relay_feed_reconnects_total";
+pub const WEBHOOK_BUDGET_EXHAUSTED_TOTAL: &str = "nen_relay_webhook_budget_exhausted_total";
+pub const WEBHOOK_INFLIGHT_BODY_BYTES: &str = "nen_relay_webhook_inflight_body_bytes";
 
 /// How a callback was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +179,21 @@ pub fn record_request(method: &'static str, route: &str, status: u16, seconds: f
         "status" => status.to_string()
     )
     .record(seconds);
+}
+
+/// A callback refused because unverified bodies already hold the whole byte budget.
+pub fn record_body_budget_exhausted() {
+    counter!(WEBHOOK_BUDGET_EXHAUSTED_TOTAL).increment(1);
+}
+
+/// The gauge of bytes reserved for unverified callback bodies moves by each reservation, so
+/// that it stays exact without a lock.
+pub fn add_inflight_body_bytes(bytes: usize) {
+    gauge!(WEBHOOK_INFLIGHT_BODY_BYTES).increment(bytes as f64);
+}
+
+pub fn remove_inflight_body_bytes(bytes: usize) {
+    gauge!(WEBHOOK_INFLIGHT_BODY_BYTES).decrement(bytes as f64);
 }
 
 pub fn record_batch(size: usize, seconds: f64) {

@@ -1,14 +1,18 @@
 //! Receiving Nen's callbacks: the signature over the raw bytes, lenient parsing of the body, and
 //! group-committed, deduplicated storage.
 //!
-//! [`Receiver::receive`] takes one callback from its body to its acknowledgement, in the order
-//! the README (HTTP API, callbacks) fixes:
+//! [`check_head`] decides what the request head alone can (a declared length over the limit,
+//! then a missing or malformed signature header), so that such a body is never read; a body that
+//! may be read reserves its bytes in the [`budget::BodyBudget`] first (503 when it is spent).
+//! [`Receiver::receive`] then takes one callback from its body to its acknowledgement, in the
+//! order the README (HTTP API, callbacks) fixes:
 //! 1. a body that could not be read: too large (413), too slow (408);
-//! 2. a signature that is missing, malformed or matches no secret (401), with nothing stored;
+//! 2. a signature that matches no secret (401), with nothing stored;
 //! 3. a signed body that is not a callback (400), kept as a rejected payload;
 //! 4. a store that cannot take the delivery in time (503, so that Nen retries);
 //! 5. otherwise the acknowledgement, only once the delivery is committed.
 
+pub mod budget;
 pub mod ingest;
 pub mod payload;
 pub mod signature;
@@ -21,6 +25,7 @@ use serde::Serialize;
 
 use crate::metrics::{self, CallbackOutcome};
 use crate::store::{Delivery, RejectedPayload, Store, StoreError};
+use budget::{BudgetExhausted, Reservation};
 use ingest::{Ingest, IngestError};
 use payload::parse_callback;
 use signature::{SignatureHeader, WebhookKeys};
@@ -85,27 +90,61 @@ impl From<BodyError> for CallbackError {
     }
 }
 
+impl From<BudgetExhausted> for CallbackError {
+    fn from(error: BudgetExhausted) -> Self {
+        CallbackError::Unavailable(error.to_string())
+    }
+}
+
+/// What the request head alone decides, before a byte of the body is read: a declared length
+/// over `limit` (413), then a signature header that is missing, repeated or malformed (401).
+/// `signature` is the value of the one `X-Hmac-Signature` header, `None` when there is none or
+/// more than one (ambiguous, so refused whichever would verify). A body refused here is never
+/// read, so an unsigned client cannot make the service hold its bytes.
+pub fn check_head(
+    declared_length: Option<u64>,
+    limit: usize,
+    signature: Option<&[u8]>,
+) -> Result<SignatureHeader, CallbackError> {
+    if declared_length.is_some_and(|length| length > limit as u64) {
+        return Err(CallbackError::PayloadTooLarge { limit });
+    }
+    signature
+        .and_then(|value| SignatureHeader::parse(value).ok())
+        .ok_or(CallbackError::InvalidSignature)
+}
+
+/// Counts a callback refused before [`Receiver::receive`] (by [`check_head`] or the budget).
+pub fn refused(error: CallbackError) -> CallbackError {
+    metrics::record_callback(error_outcome(&error));
+    error
+}
+
 impl Receiver<'_> {
-    /// Takes one callback. `signature` is the value of the one `X-Hmac-Signature` header, `None`
-    /// when there is none or more than one (ambiguous, so refused whichever would verify).
-    /// `body` is the body as read, or why it could not be.
+    /// Takes one callback whose head [`check_head`] accepted. `body` is the body as read, or why
+    /// it could not be; `reservation` holds its bytes in the budget until it is verified.
     pub async fn receive(
         &self,
-        signature: Option<&[u8]>,
+        signature: &SignatureHeader,
         body: Result<Bytes, BodyError>,
+        reservation: Reservation,
     ) -> Result<Acknowledgement, CallbackError> {
-        let result = self.verify_and_record(signature, body).await;
+        let result = self.verify_and_record(signature, body, reservation).await;
         metrics::record_callback(outcome(&result));
         result
     }
 
     async fn verify_and_record(
         &self,
-        signature: Option<&[u8]>,
+        signature: &SignatureHeader,
         body: Result<Bytes, BodyError>,
+        reservation: Reservation,
     ) -> Result<Acknowledgement, CallbackError> {
         let raw = body?;
-        let key_id = self.verify(signature, &raw)?;
+        let verified = self.keys.verify(signature, &raw);
+        // Verified or refused, the body no longer counts against the budget for unverified ones.
+        drop(reservation);
+        let key_id = verified.ok_or(CallbackError::InvalidSignature)?;
         let received_at = Utc::now();
 
         let parsed = match parse_callback(&raw) {
@@ -157,16 +196,6 @@ impl Receiver<'_> {
             status,
         })
     }
-
-    /// Returns the id of the secret that signed `body`.
-    fn verify(&self, signature: Option<&[u8]>, body: &[u8]) -> Result<&str, CallbackError> {
-        let header = signature
-            .and_then(|value| SignatureHeader::parse(value).ok())
-            .ok_or(CallbackError::InvalidSignature)?;
-        self.keys
-            .verify(&header, body)
-            .ok_or(CallbackError::InvalidSignature)
-    }
 }
 
 fn not_committed_in_time() -> CallbackError {
@@ -178,13 +207,17 @@ fn outcome(result: &Result<Acknowledgement, CallbackError>) -> CallbackOutcome {
     match result {
         Ok(ack) if ack.duplicate => CallbackOutcome::Duplicate,
         Ok(_) => CallbackOutcome::Accepted,
-        Err(CallbackError::PayloadTooLarge { .. }) => CallbackOutcome::PayloadTooLarge,
-        Err(CallbackError::RequestTimeout) => CallbackOutcome::RequestTimeout,
-        Err(CallbackError::InvalidSignature) => CallbackOutcome::InvalidSignature,
-        Err(CallbackError::InvalidPayload(_)) => CallbackOutcome::InvalidPayload,
-        Err(CallbackError::Unavailable(_) | CallbackError::Store(_)) => {
-            CallbackOutcome::Unavailable
-        }
+        Err(error) => error_outcome(error),
+    }
+}
+
+fn error_outcome(error: &CallbackError) -> CallbackOutcome {
+    match error {
+        CallbackError::PayloadTooLarge { .. } => CallbackOutcome::PayloadTooLarge,
+        CallbackError::RequestTimeout => CallbackOutcome::RequestTimeout,
+        CallbackError::InvalidSignature => CallbackOutcome::InvalidSignature,
+        CallbackError::InvalidPayload(_) => CallbackOutcome::InvalidPayload,
+        CallbackError::Unavailable(_) | CallbackError::Store(_) => CallbackOutcome::Unavailable,
     }
 }
 
@@ -206,6 +239,28 @@ mod tests {
             CallbackError::from(BodyError::Broken),
             CallbackError::InvalidPayload(_)
         ));
+    }
+
+    #[test]
+    fn the_head_decides_413_before_401_and_lets_a_well_formed_signature_through() {
+        let well_formed = format!("sha256={}", "ab".repeat(32));
+        let too_large = |result: Result<SignatureHeader, CallbackError>| {
+            matches!(result, Err(CallbackError::PayloadTooLarge { limit: 10 }))
+        };
+        let unsigned = |result: Result<SignatureHeader, CallbackError>| {
+            matches!(result, Err(CallbackError::InvalidSignature))
+        };
+        assert!(too_large(check_head(Some(11), 10, None)));
+        assert!(too_large(check_head(
+            Some(11),
+            10,
+            Some(well_formed.as_bytes())
+        )));
+        assert!(unsigned(check_head(Some(10), 10, None)));
+        assert!(unsigned(check_head(None, 10, Some(b"sha256=abc"))));
+        assert!(unsigned(check_head(Some(0), 10, Some(b""))));
+        assert!(check_head(Some(10), 10, Some(well_formed.as_bytes())).is_ok());
+        assert!(check_head(None, 10, Some(well_formed.as_bytes())).is_ok());
     }
 
     #[test]

@@ -248,7 +248,7 @@ fn the_shipped_files_parse_in_both_environments_with_the_documented_defaults() {
             assert_eq!(settings.log_format, log_format);
             assert_eq!(settings.public_url, None);
             assert_eq!(settings.webhook.max_body_bytes, 1024 * 1024);
-            assert_eq!(settings.webhook.body_timeout, Duration::from_secs(10));
+            assert_eq!(settings.webhook.body_timeout, Duration::from_secs(3));
             assert_eq!(settings.webhook.ack_timeout, Duration::from_secs(2));
             let ingest = &settings.ingest;
             assert_eq!(

@@ -1,41 +1,80 @@
 //! `POST /webhooks/nen`: Nen's signed callbacks.
 //!
-//! The handler reads the body (refusing an oversized one before reading it when its length is
-//! declared) within the body timeout, picks the signature header, and hands both to
-//! `callbacks::Receiver`, which answers in the order the README's HTTP API section fixes:
-//! 413, 401, 400, 503, then 200 after the commit.
+//! The handler answers in the order the README's HTTP API section fixes: 413, 401, 400, 503,
+//! then 200 after the commit. What the head alone decides (a declared length over the limit, a
+//! missing or malformed signature header) is answered without reading the body, and so is a
+//! callback that finds the budget for unverified bodies spent (503). Otherwise the body is read
+//! within the body timeout, its bytes held in the budget, and handed to `callbacks::Receiver`.
 
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::header::CONTENT_LENGTH;
-use axum::http::HeaderMap;
+use axum::http::header::{CONNECTION, CONTENT_LENGTH};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::AppState;
 use crate::callbacks::signature::SIGNATURE_HEADER;
-use crate::callbacks::{Acknowledgement, BodyError, Receiver};
-use crate::error::ApiError;
+use crate::callbacks::{self, BodyError, CallbackError, Receiver};
+use crate::error::{ApiError, ServerErrorDetail};
 
-pub async fn receive(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<Acknowledgement>, ApiError> {
+pub async fn receive(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let limits = &state.settings.webhook;
-    let body = read_body(&headers, body, limits.max_body_bytes, limits.body_timeout).await;
+    let declared = declared_length(&headers);
+    let head = callbacks::check_head(
+        declared,
+        limits.max_body_bytes,
+        single_value(&headers, SIGNATURE_HEADER),
+    );
+    let signature = match head {
+        Ok(signature) => signature,
+        Err(error) => return refused_unread(error),
+    };
+    // A body without a declared length (chunked) may grow to the limit: reserve all of it, so
+    // that what is reserved always covers what is read.
+    let reserve = declared.map_or(limits.max_body_bytes, |length| length as usize);
+    let reservation = match state.body_budget.reserve(reserve) {
+        Ok(reservation) => reservation,
+        Err(spent) => {
+            let mut response = refused_unread(spent.into());
+            // Anyone can cause these: the budget logs them now and then, not one line each.
+            response.extensions_mut().remove::<ServerErrorDetail>();
+            return response;
+        }
+    };
+    let body = read_body(body, limits.max_body_bytes, limits.body_timeout).await;
     let receiver = Receiver {
         keys: &state.webhook_keys,
         ingest: &state.ingest,
         store: state.store.as_ref(),
         ack_timeout: limits.ack_timeout,
     };
-    receiver
-        .receive(single_value(&headers, SIGNATURE_HEADER), body)
-        .await
-        .map(Json)
-        .map_err(ApiError::from)
+    match receiver.receive(&signature, body, reservation).await {
+        Ok(acknowledgement) => Json(acknowledgement).into_response(),
+        Err(error) => ApiError::from(error).into_response(),
+    }
+}
+
+/// The answer to a callback refused before its body was read. The unread body still sits on the
+/// connection, so the connection cannot carry another request: `Connection: close` says so and
+/// has hyper close it after the answer, instead of reading (or waiting for) what the client
+/// still sends.
+fn refused_unread(error: CallbackError) -> Response {
+    let mut response = ApiError::from(callbacks::refused(error)).into_response();
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// The `Content-Length` the client declared, if it is one number.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
 }
 
 /// The value of a header sent exactly once; `None` when it is absent or repeated.
@@ -47,21 +86,9 @@ fn single_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
     }
 }
 
-/// Reads the whole body, refusing more than `limit` bytes before reading them when the length
-/// is declared, and while reading otherwise (chunked bodies).
-async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-    timeout: Duration,
-) -> Result<Bytes, BodyError> {
-    let declared = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit as u64) {
-        return Err(BodyError::TooLarge { limit });
-    }
+/// Reads the whole body, refusing it as soon as it grows past `limit` (a chunked body; a declared
+/// length over the limit never gets here).
+async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<Bytes, BodyError> {
     match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
         Err(_) => Err(BodyError::TimedOut),
         Ok(Ok(bytes)) => Ok(bytes),

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::callbacks::budget::BodyBudget;
 use crate::callbacks::ingest::Ingest;
 use crate::callbacks::signature::WebhookKeys;
 use crate::config::Settings;
@@ -28,6 +29,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub store: Arc<dyn Store>,
     pub ingest: Ingest,
+    /// Bytes of callback bodies not yet verified, held at once across all requests.
+    pub body_budget: BodyBudget,
     pub webhook_keys: Arc<WebhookKeys>,
     pub api_tokens: Arc<ApiTokens>,
     pub nen: NenClient,

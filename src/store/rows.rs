@@ -3,9 +3,19 @@
 //! The statements name their columns as these structs do (each backend writes its own). Only
 //! the type of the time columns differs: `timestamptz` on PostgreSQL, fixed-width UTC text on
 //! SQLite, so each backend says how to read it.
+//!
+//! Text columns are read as [`StoredText`]: PostgreSQL guarantees UTF-8, but an SQLite text
+//! column holds whatever bytes were written into it (by another tool, by hand), and one row must
+//! never make a read fail.
+
+use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgTypeInfo, PgValueRef};
+use sqlx::sqlite::{SqliteTypeInfo, SqliteValueRef};
+use sqlx::{Decode, Postgres, Sqlite, Type};
 
 use super::model::{Event, Run};
 use super::StoreError;
@@ -13,22 +23,22 @@ use super::StoreError;
 /// One run, as a run query selects it.
 #[derive(Debug, sqlx::FromRow)]
 pub struct RunRow<Time> {
-    pub message_id: String,
-    pub workflow_id: Option<String>,
-    pub status: String,
+    pub message_id: StoredText,
+    pub workflow_id: Option<StoredText>,
+    pub status: StoredText,
     pub created_at: Time,
     pub updated_at: Time,
     pub completed_at: Option<Time>,
     pub expires_at: Option<Time>,
     /// JSON text.
-    pub result: Option<String>,
-    pub assets_url: Option<String>,
-    pub error: Option<String>,
+    pub result: Option<StoredText>,
+    pub assets_url: Option<StoredText>,
+    pub error: Option<StoredText>,
     pub triggered_here: bool,
     /// Derived when read: see [`super::forward_only::terminals_conflict`].
     pub conflicting_terminals: bool,
     /// JSON text.
-    pub workflow_params: Option<String>,
+    pub workflow_params: Option<StoredText>,
     pub seq: i64,
 }
 
@@ -39,20 +49,20 @@ impl<Time> RunRow<Time> {
         time: impl Fn(Time) -> Result<DateTime<Utc>, StoreError>,
     ) -> Result<Run, StoreError> {
         Ok(Run {
-            message_id: self.message_id,
-            workflow_id: self.workflow_id,
-            status: self.status,
+            message_id: self.message_id.0,
+            workflow_id: self.workflow_id.map(StoredText::into_string),
+            status: self.status.0,
             created_at: time(self.created_at)?,
             updated_at: time(self.updated_at)?,
             completed_at: self.completed_at.map(&time).transpose()?,
             expires_at: self.expires_at.map(&time).transpose()?,
-            result: self.result.map(json_or_string),
-            assets_url: self.assets_url,
-            error: self.error,
+            result: self.result.map(|text| json_or_string(text.0)),
+            assets_url: self.assets_url.map(StoredText::into_string),
+            error: self.error.map(StoredText::into_string),
             triggered_here: self.triggered_here,
             conflicting_terminals: self.conflicting_terminals,
             stuck: false,
-            workflow_params: self.workflow_params.map(json_or_string),
+            workflow_params: self.workflow_params.map(|text| json_or_string(text.0)),
             seq: self.seq,
         })
     }
@@ -61,16 +71,16 @@ impl<Time> RunRow<Time> {
 /// One event, as an event query selects it.
 #[derive(Debug, sqlx::FromRow)]
 pub struct EventRow<Time> {
-    pub status: String,
+    pub status: StoredText,
     pub received_at: Time,
     pub duplicates: i64,
     pub differing_duplicates: i64,
     /// Derived when read: see [`super::forward_only::terminals_conflict`].
     pub conflicting_terminal: bool,
-    pub key_id: String,
+    pub key_id: StoredText,
     pub last_received_at: Time,
     /// The body as received.
-    pub payload: String,
+    pub payload: StoredText,
 }
 
 impl<Time> EventRow<Time> {
@@ -80,15 +90,70 @@ impl<Time> EventRow<Time> {
         time: impl Fn(Time) -> Result<DateTime<Utc>, StoreError>,
     ) -> Result<Event, StoreError> {
         Ok(Event {
-            status: self.status,
+            status: self.status.0,
             received_at: time(self.received_at)?,
             duplicates: self.duplicates,
             differing_duplicates: self.differing_duplicates,
             conflicting_terminal: self.conflicting_terminal,
-            key_id: self.key_id,
+            key_id: self.key_id.0,
             last_received_at: time(self.last_received_at)?,
-            payload: json_or_string(self.payload),
+            payload: json_or_string(self.payload.0),
         })
+    }
+}
+
+/// A text column as read: its bytes as text, any that are not UTF-8 replaced by U+FFFD (and a
+/// warning logged). On SQLite any stored value is taken (text, blob, number) as the text SQLite
+/// gives for it; on PostgreSQL it reads exactly as a `String`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredText(pub String);
+
+impl StoredText {
+    pub fn into_string(self) -> String {
+        self.0
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Self {
+        match String::from_utf8_lossy(bytes) {
+            Cow::Borrowed(text) => StoredText(text.to_owned()),
+            Cow::Owned(replaced) => {
+                tracing::warn!("a stored text column is not UTF-8; it is read with U+FFFD");
+                StoredText(replaced)
+            }
+        }
+    }
+}
+
+impl Type<Sqlite> for StoredText {
+    fn type_info() -> SqliteTypeInfo {
+        <String as Type<Sqlite>>::type_info()
+    }
+
+    /// SQLite keeps any value in any column: whatever is there is read as its text.
+    fn compatible(_: &SqliteTypeInfo) -> bool {
+        true
+    }
+}
+
+impl<'r> Decode<'r, Sqlite> for StoredText {
+    fn decode(value: SqliteValueRef<'r>) -> Result<Self, BoxDynError> {
+        <&[u8] as Decode<Sqlite>>::decode(value).map(StoredText::from_bytes)
+    }
+}
+
+impl Type<Postgres> for StoredText {
+    fn type_info() -> PgTypeInfo {
+        <String as Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <String as Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> Decode<'r, Postgres> for StoredText {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        <String as Decode<Postgres>>::decode(value).map(StoredText)
     }
 }
 
@@ -111,6 +176,15 @@ pub fn json_or_string(text: String) -> Box<RawValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_bytes_that_are_not_utf8_are_read_with_replacement_characters() {
+        assert_eq!(StoredText::from_bytes(b"plain").0, "plain");
+        assert_eq!(
+            StoredText::from_bytes(b"caf\xe9 \xff\xfe").0,
+            "caf\u{fffd} \u{fffd}\u{fffd}"
+        );
+    }
 
     #[test]
     fn stored_text_that_is_not_json_is_served_as_a_string() {

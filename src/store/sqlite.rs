@@ -25,7 +25,7 @@ use super::forward_only::RunState;
 use super::listing::{Listing, ListingFilter};
 use super::model::*;
 use super::plan::BatchPlan;
-use super::rows::{EventRow, RunRow};
+use super::rows::{EventRow, RunRow, StoredText};
 use super::{PoolUsage, Store, StoreError, StoreOptions};
 
 pub struct SqliteStore {
@@ -415,8 +415,31 @@ const COUNT_STUCK_RUNS: &str = "\
 select count(*) from (
     select 1 from runs where status_rank < 2 and updated_at < ?1 limit ?2)";
 
-fn run_from_row(row: RunRow<String>) -> Result<Run, StoreError> {
-    row.into_run(|text| time_from_text(&text))
+fn run_from_row(row: RunRow<StoredText>) -> Result<Run, StoreError> {
+    row.into_run(|text| Ok(time_read_leniently(&text.0)))
+}
+
+/// A stored time on the read path. This service writes only `time_text`, but a row written by
+/// another program may hold another form: RFC 3339 and SQLite's own `YYYY-MM-DD HH:MM:SS` are
+/// read too, and anything else is served as the Unix epoch with a warning, so that one row
+/// cannot make a read endpoint fail.
+fn time_read_leniently(text: &str) -> DateTime<Utc> {
+    time_from_text(text)
+        .ok()
+        .or_else(|| {
+            DateTime::parse_from_rfc3339(text)
+                .ok()
+                .map(|time| time.with_timezone(&Utc))
+        })
+        .or_else(|| {
+            NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
+                .ok()
+                .map(|time| time.and_utc())
+        })
+        .unwrap_or_else(|| {
+            tracing::warn!("a stored time does not parse; it is served as the Unix epoch");
+            DateTime::UNIX_EPOCH
+        })
 }
 
 #[async_trait]
@@ -449,7 +472,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_run(&self, message_id: &str) -> Result<Option<Run>, StoreError> {
-        let row: Option<RunRow<String>> = sqlx::query_as(GET_RUN)
+        let row: Option<RunRow<StoredText>> = sqlx::query_as(GET_RUN)
             .bind(message_id)
             .fetch_optional(&self.readers)
             .await?;
@@ -470,7 +493,7 @@ impl Store for SqliteStore {
                     .bind(status)
             }
         };
-        let rows: Vec<RunRow<String>> = statement
+        let rows: Vec<RunRow<StoredText>> = statement
             .bind(listing.before_seq)
             .bind(listing.fetch)
             .fetch_all(&self.readers)
@@ -483,12 +506,12 @@ impl Store for SqliteStore {
     }
 
     async fn list_events(&self, message_id: &str) -> Result<Vec<Event>, StoreError> {
-        let rows: Vec<EventRow<String>> = sqlx::query_as(LIST_EVENTS)
+        let rows: Vec<EventRow<StoredText>> = sqlx::query_as(LIST_EVENTS)
             .bind(message_id)
             .fetch_all(&self.readers)
             .await?;
         rows.into_iter()
-            .map(|row| row.into_event(|text| time_from_text(&text)))
+            .map(|row| row.into_event(|text| Ok(time_read_leniently(&text.0))))
             .collect()
     }
 
@@ -591,7 +614,7 @@ impl Store for SqliteStore {
         changed_before: DateTime<Utc>,
     ) -> Result<RunPage, StoreError> {
         let listing = Listing::of(query);
-        let rows: Vec<RunRow<String>> = sqlx::query_as(LIST_STUCK_RUNS)
+        let rows: Vec<RunRow<StoredText>> = sqlx::query_as(LIST_STUCK_RUNS)
             .bind(time_text(changed_before))
             .bind(query.workflow_id.as_deref())
             .bind(query.status.as_deref())
@@ -646,6 +669,22 @@ mod tests {
             assert_eq!(&time_from_text(text).unwrap(), time);
         }
         assert_eq!(texts[2], "2024-10-30T20:20:00.500000000Z");
+    }
+
+    #[test]
+    fn times_written_by_other_programs_are_read_without_failing() {
+        let noon = Utc.timestamp_opt(1_730_289_600, 0).unwrap();
+        for text in [
+            "2024-10-30T12:00:00.000000000Z",
+            "2024-10-30T12:00:00Z",
+            "2024-10-30T14:00:00+02:00",
+            "2024-10-30 12:00:00",
+        ] {
+            assert_eq!(time_read_leniently(text), noon, "{text:?}");
+        }
+        for text in ["", "yesterday", "caf\u{fffd}"] {
+            assert_eq!(time_read_leniently(text), DateTime::UNIX_EPOCH, "{text:?}");
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use crate::on_both_backends;
 use crate::support::app::callback;
+use crate::support::metrics::sample;
 use crate::support::process::RelayProcess;
 use crate::support::{stored, TestDatabase};
 
@@ -826,8 +827,241 @@ async fn slow_and_malformed_http_is_cut_off(db: TestDatabase) {
     assert_memory_bounded(&app, before, "slow and malformed requests");
 }
 
+/// Sends `head` and nothing more (the body it announces never comes), and returns all the server
+/// sent until it closed the connection. `read_until_closed` fails if it never does.
+async fn head_only(address: &str, head: &str) -> String {
+    let mut stream = TcpStream::connect(address.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    String::from_utf8_lossy(&read_until_closed(&mut stream, head.as_bytes()).await).into_owned()
+}
+
+fn has_header(answer: &str, name: &str, value: &str) -> bool {
+    let head = answer.split("\r\n\r\n").next().unwrap_or("");
+    head.lines().any(|line| {
+        line.split_once(':').is_some_and(|(found, found_value)| {
+            found.eq_ignore_ascii_case(name) && found_value.trim().eq_ignore_ascii_case(value)
+        })
+    })
+}
+
+/// A head with no, or a malformed, `X-Hmac-Signature` is answered 401 without a byte of its body
+/// being read; a declared length over the limit is still 413 first; a well-formed signature
+/// needs the body (here it never comes: 408 after the body timeout).
+async fn a_bad_signature_header_is_refused_before_the_body_is_read(db: TestDatabase) {
+    // A body timeout far beyond the 30 s `read_until_closed` allows: a server that waited for
+    // the body before its 401 would fail this test instead of answering 408.
+    let app = RelayProcess::start(
+        db,
+        &[("NEN_RELAY_WEBHOOK__BODY_TIMEOUT_MS", "600000".into())],
+    )
+    .await;
+    let post = |extra: &str, length: usize| {
+        format!(
+            "POST /webhooks/nen HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             {extra}Content-Length: {length}\r\n\r\n"
+        )
+    };
+    let hex64 = "ab".repeat(32);
+    for (name, signature) in [
+        ("no signature header", String::new()),
+        ("empty signature", "X-Hmac-Signature: \r\n".to_owned()),
+        ("sha1 label", format!("X-Hmac-Signature: sha1={hex64}\r\n")),
+        (
+            "63 hex digits",
+            format!("X-Hmac-Signature: sha256={}\r\n", &hex64[..63]),
+        ),
+        (
+            "not hex",
+            format!("X-Hmac-Signature: sha256={}\r\n", "zz".repeat(32)),
+        ),
+        (
+            "two headers",
+            format!("X-Hmac-Signature: sha256={hex64}\r\nX-Hmac-Signature: sha256={hex64}\r\n"),
+        ),
+    ] {
+        // A whole 1 MiB announced, under the limit, and never sent.
+        let answer = head_only(&app.address, &post(&signature, LIMIT)).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{name}: {answer:.300}");
+        assert!(
+            answer.contains("invalid_signature"),
+            "{name}: {answer:.300}"
+        );
+        assert!(
+            has_header(&answer, "connection", "close"),
+            "{name}: {answer:.300}"
+        );
+    }
+
+    // Oversize and unsigned: the size is still judged first.
+    let answer = head_only(&app.address, &post("", 4 * LIMIT)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 413"),
+        "oversize: {answer:.300}"
+    );
+    assert!(
+        answer.contains("payload_too_large"),
+        "oversize: {answer:.300}"
+    );
+
+    // The early refusals are counted like any other.
+    let metrics = app.metrics().await;
+    let counted = sample(
+        &metrics,
+        "nen_relay_callbacks_total",
+        &[("outcome", "invalid_signature")],
+    );
+    assert_eq!(counted, Some(6.0), "{metrics:.2000}");
+    // Nothing was held for them.
+    assert_eq!(
+        sample(&metrics, "nen_relay_webhook_inflight_body_bytes", &[]).unwrap_or(0.0),
+        0.0
+    );
+    assert_alive(&app, "early refusals").await;
+
+    // A well-formed signature needs the body: the server reserves its declared length and waits
+    // for it; a wrong one is then refused once the body is there, and nothing stays reserved.
+    let mut waiting = TcpStream::connect(app.address.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = post(
+        &format!("X-Hmac-Signature: sha256={hex64}\r\nConnection: close\r\n"),
+        1000,
+    );
+    waiting.write_all(head.as_bytes()).await.unwrap();
+    wait_for_held_bytes(&app, 1000.0).await;
+    waiting.write_all(&[b' '; 1000]).await.unwrap();
+    let answer = read_until_closed(&mut waiting, head.as_bytes()).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 401"),
+        "well-formed: {answer:.300}"
+    );
+    wait_for_held_bytes(&app, 0.0).await;
+}
+
+/// Bodies held open unverified spend the byte budget: a signed callback then gets 503
+/// `unavailable` with `Retry-After` at once (an unsigned one still its 401), and once the held
+/// bodies go, callbacks are taken again.
+async fn the_body_budget_refuses_with_503_and_recovers(db: TestDatabase) {
+    const BODY: usize = 64 * 1024;
+    let app = RelayProcess::start(
+        db,
+        &[
+            ("NEN_RELAY_WEBHOOK__MAX_BODY_BYTES", BODY.to_string()),
+            (
+                "NEN_RELAY_WEBHOOK__MAX_INFLIGHT_BODY_BYTES",
+                (2 * BODY).to_string(),
+            ),
+            ("NEN_RELAY_WEBHOOK__BODY_TIMEOUT_MS", "600000".into()),
+        ],
+    )
+    .await;
+    let wrong = format!("sha256={}", "00".repeat(32));
+    // One body declared at the limit, one chunked (which reserves the whole limit): each sends
+    // a few bytes and then holds on.
+    let holders = [
+        format!(
+            "POST /webhooks/nen HTTP/1.1\r\nHost: x\r\nX-Hmac-Signature: {wrong}\r\n\
+             Content-Length: {BODY}\r\n\r\n{{\"message_id\":"
+        ),
+        format!(
+            "POST /webhooks/nen HTTP/1.1\r\nHost: x\r\nX-Hmac-Signature: {wrong}\r\n\
+             Transfer-Encoding: chunked\r\n\r\n4\r\n{{\"m\"\r\n"
+        ),
+    ];
+    let mut held = Vec::new();
+    for (count, head) in holders.iter().enumerate() {
+        let mut stream = TcpStream::connect(app.address.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        held.push(stream);
+        wait_for_held_bytes(&app, ((count + 1) * BODY) as f64).await;
+    }
+
+    // Spent: a correctly signed callback is refused at once, to be retried.
+    let body = callback("hostile-budget", "processing", json!({}));
+    let response = app.deliver(&body).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    assert_eq!(
+        response.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["error"], "unavailable", "{answer}");
+    let again = app.deliver(&body).await;
+    assert_eq!(again.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // An unsigned one needs no budget: still its 401.
+    let client = reqwest::Client::new();
+    let unsigned = client
+        .post(app.url("/webhooks/nen"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), StatusCode::UNAUTHORIZED);
+    let metrics = app.metrics().await;
+    assert_eq!(
+        sample(&metrics, "nen_relay_webhook_budget_exhausted_total", &[]),
+        Some(2.0),
+        "{metrics:.2000}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "nen_relay_callbacks_total",
+            &[("outcome", "unavailable")]
+        ),
+        Some(2.0)
+    );
+    // Anyone can cause these refusals: one warning, not a line per request.
+    let logs = app.output();
+    let warnings = logs
+        .matches("unverified callback bodies hold the whole budget")
+        .count();
+    assert_eq!(warnings, 1, "{logs:.3000}");
+    assert!(!logs.contains("request not served"), "{logs:.3000}");
+
+    // The holders hang up: their bytes come back, and the same callback is taken.
+    drop(held);
+    wait_for_held_bytes(&app, 0.0).await;
+    let response = app.deliver(&body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        app.get_json("/v1/runs/hostile-budget").await["status"],
+        "processing"
+    );
+    let signed = HashSet::from([body.into_bytes()]);
+    assert_eq!(assert_only_signed_bodies_stored(&app, &signed).await, 1);
+}
+
+/// Waits until the gauge of bytes reserved for unverified bodies reads `bytes`.
+async fn wait_for_held_bytes(app: &RelayProcess, bytes: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = app.metrics().await;
+        let held = sample(&metrics, "nen_relay_webhook_inflight_body_bytes", &[]).unwrap_or(0.0);
+        if held == bytes {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server holds {held} bytes for unverified bodies, not {bytes}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 on_both_backends!(
     every_hostile_request_gets_its_documented_answer,
     with_a_raised_limit_huge_fields_are_refused_or_taken_by_shape,
     slow_and_malformed_http_is_cut_off,
+    a_bad_signature_header_is_refused_before_the_body_is_read,
+    the_body_budget_refuses_with_503_and_recovers,
 );

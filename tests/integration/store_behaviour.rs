@@ -952,6 +952,73 @@ async fn a_stored_payload_that_is_not_json_is_still_readable(db: TestDatabase) {
     assert_eq!(app.run("m-c").await["result"], json!({"ok": true}));
 }
 
+/// An SQLite text column holds whatever bytes another program wrote into it; one that is not
+/// UTF-8 must not make a read endpoint fail: it is read with U+FFFD in place of the bad bytes.
+/// PostgreSQL refuses such text on the way in, so there the odd row is Latin-1 text converted.
+async fn stored_text_that_is_not_utf8_is_still_readable(db: TestDatabase) {
+    let app = crate::support::TestApp::spawn(db).await;
+    for id in ["m-latin1", "m-other"] {
+        app.deliver_ok(&callback(id, "failed", json!({"error": "boom"})))
+            .await;
+    }
+    // `caf\xe9` and `\xff\xfe`: Latin-1 and bytes no UTF-8 text holds.
+    let (odd, expected) = match app.db.backend {
+        Backend::Sqlite => (
+            ["cast(x'636166e9' as text)", "cast(x'fffe' as text)"],
+            ["caf\u{fffd}", "\u{fffd}\u{fffd}"],
+        ),
+        Backend::Postgres => {
+            let mut connection = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
+            let refused =
+                sqlx::query("update runs set error = convert_from('\\xfffe'::bytea, 'UTF8')")
+                    .execute(&mut connection)
+                    .await;
+            assert!(refused.is_err(), "PostgreSQL stored text that is not UTF-8");
+            (
+                [
+                    "convert_from('\\x636166e9'::bytea, 'LATIN1')",
+                    "convert_from('\\xfffe'::bytea, 'LATIN1')",
+                ],
+                ["caf\u{e9}", "\u{ff}\u{fe}"],
+            )
+        }
+    };
+    execute(
+        &app.db,
+        &format!(
+            "update runs set error = {0}, assets_url = {1}, workflow_id = {0} \
+               where message_id = 'm-latin1'; \
+             update runs set message_id = {1} where message_id = 'm-other'; \
+             {2} \
+             update events set payload = {0}, key_id = {1} where message_id = 'm-latin1';",
+            odd[0],
+            odd[1],
+            // SQLite keeps times as text: one no program should have written is still read.
+            if app.db.backend == Backend::Sqlite {
+                "update runs set updated_at = 'yesterday' where message_id = 'm-latin1';"
+            } else {
+                ""
+            }
+        ),
+    )
+    .await;
+    let run = app.run("m-latin1").await;
+    assert_eq!(run["error"], json!(expected[0]));
+    assert_eq!(run["assets_url"], json!(expected[1]));
+    assert_eq!(run["workflow_id"], json!(expected[0]));
+    let events = app.events("m-latin1").await;
+    assert_eq!(events[0]["payload"], json!(expected[0]));
+    let listing = app.get_json("/v1/runs?limit=10").await;
+    let ids: Vec<&str> = listing["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| run["message_id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&expected[1]), "{ids:?}");
+    assert!(ids.contains(&"m-latin1"), "{ids:?}");
+}
+
 async fn unknown_runs_are_absent_and_the_store_answers(db: TestDatabase) {
     let store = open(&db).await;
     store.ping().await.unwrap();
@@ -1305,4 +1372,5 @@ on_both_backends!(
     unknown_runs_are_absent_and_the_store_answers,
     a_database_from_the_first_schema_upgrades_with_its_data,
     a_stored_payload_that_is_not_json_is_still_readable,
+    stored_text_that_is_not_utf8_is_still_readable,
 );
