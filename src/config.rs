@@ -326,6 +326,19 @@ impl Settings {
                 "retention.sweep_interval must be positive".into(),
             ));
         }
+        if let Some(key) = &self.nen.api_key {
+            // Sent as the x-api-key header, which cannot carry control characters.
+            if key
+                .expose_secret()
+                .chars()
+                .any(|c| c.is_control() && c != '\t')
+            {
+                return Err(ConfigError::Invalid(
+                    "NEN_API_KEY holds a control character (a stray line break?); it is sent as a header"
+                        .into(),
+                ));
+            }
+        }
         if let Some(ops) = self.ops_bind {
             if ops == self.bind {
                 return Err(ConfigError::Invalid(format!(

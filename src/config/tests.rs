@@ -1006,3 +1006,11 @@ fn variables_that_look_like_ours_but_set_nothing_are_found() {
     ]));
     assert_eq!(found, ["NEN_RELAY_BINDD", "NEN_WEBHOOK_SECRET"]);
 }
+
+#[test]
+fn an_api_key_that_cannot_be_a_header_is_refused_without_echoing_it() {
+    let message = error_text(local_with(&[("NEN_API_KEY", "key-with\u{7}-bell")]));
+    assert!(message.contains("NEN_API_KEY"), "{message}");
+    assert!(!message.contains("key-with"), "{message}");
+    assert!(local_with(&[("NEN_API_KEY", "an ordinary key")]).is_ok());
+}

@@ -214,6 +214,7 @@ fn runs_url(base: &Url) -> Url {
     url
 }
 
+/// The settings refuse a key with control characters, the only ones a header cannot carry.
 fn sensitive(value: &str) -> HeaderValue {
     let mut header = HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static(""));
     header.set_sensitive(true);
