@@ -3,9 +3,11 @@
 mod support;
 
 mod callbacks;
+mod connections;
 mod group_commit;
 mod hostile;
 mod operations;
 mod query;
+mod shutdown;
 mod store_behaviour;
 mod trigger;
