@@ -211,8 +211,8 @@ async fn past_the_cap_connections_are_refused_and_the_rest_served() {
     let deadline = tokio::time::Instant::now() + CLOSE_GUARD;
     loop {
         let mut stream = connect_and_send(&app.address, b"").await;
-        let head = format!("GET /healthz HTTP/1.1\r\nhost: relay\r\nconnection: close\r\n\r\n");
-        let _ = stream.write_all(head.as_bytes()).await;
+        let head = b"GET /healthz HTTP/1.1\r\nhost: relay\r\nconnection: close\r\n\r\n";
+        let _ = stream.write_all(head).await;
         let answer = read_until_closed(&mut stream).await.text();
         if answer.starts_with("HTTP/1.1 200 ") {
             break;
