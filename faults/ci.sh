@@ -23,6 +23,9 @@ cargo build --release --locked || { echo "faults: 0 passed, 1 failed"; exit 1; }
 
 check crash python3 faults/crash.py --kills 3 --time-limit 180
 check slow_db python3 faults/slow_db.py --lock-seconds 4 --senders 100
+# Short clocks so that the held sockets are closed and reopened several times in 12 s.
+check idle_sockets python3 faults/idle_sockets.py --sockets 1000 --seconds 12 --header-read-timeout 3s
+check connection_flood python3 faults/connection_flood.py --sockets 1000 --seconds 8
 # The hostile-input corpus is part of `cargo test` (tests/integration/hostile.rs).
 # The first fuzz build compiles every dependency with sanitizers: FAULTS_SKIP_FUZZ=1 skips it.
 if [ "${FAULTS_SKIP_FUZZ:-0}" != 1 ]; then
