@@ -38,6 +38,7 @@ class Horde:
         self.opened = self.connect_errors = 0
         self.closed_silently = self.closed_refused = self.closed_answered = 0
         self.held = self.held_max = 0
+        self.error = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self):
@@ -57,8 +58,15 @@ class Horde:
             }
 
     def _run(self):
+        try:
+            self._hold()
+        except Exception as error:  # reported by run_attack: a broken horde is no attack
+            self.error = repr(error)
+
+    def _hold(self):
         selector = selectors.DefaultSelector()
         sockets = {}  # socket -> "connecting" | "held"
+        payloads = {}  # socket -> what it sends once connected
         n = 0
         try:
             while not self.stop.is_set():
@@ -72,7 +80,7 @@ class Horde:
                         with self.lock:
                             self.connect_errors += 1
                         break
-                    sock.payload = self.payloads[n % len(self.payloads)]
+                    payloads[sock] = self.payloads[n % len(self.payloads)]
                     n += 1
                     sockets[sock] = "connecting"
                     selector.register(sock, selectors.EVENT_WRITE)
@@ -84,13 +92,13 @@ class Horde:
                     if sockets[sock] == "connecting":
                         error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                         if error:
-                            self._drop(selector, sockets, sock)
+                            self._drop(selector, sockets, payloads, sock)
                             with self.lock:
                                 self.connect_errors += 1
                             continue
                         try:
-                            if sock.payload:
-                                sock.send(sock.payload)
+                            if payloads[sock]:
+                                sock.send(payloads[sock])
                         except OSError:
                             pass
                         sockets[sock] = "held"
@@ -111,17 +119,18 @@ class Horde:
                         else:
                             self.closed_silently += 1
                         self.held -= 1
-                    self._drop(selector, sockets, sock)
+                    self._drop(selector, sockets, payloads, sock)
         finally:
             for sock in list(sockets):
-                self._drop(selector, sockets, sock)
+                self._drop(selector, sockets, payloads, sock)
             with self.lock:
                 self.held = 0
 
     @staticmethod
-    def _drop(selector, sockets, sock):
+    def _drop(selector, sockets, payloads, sock):
         selector.unregister(sock)
         del sockets[sock]
+        del payloads[sock]
         sock.close()
 
 
@@ -227,6 +236,10 @@ def run_attack(label, db, relay_options, sockets, payloads, seconds, refusals_al
         else:
             problems.append(f"probe sent at +{sent - started:.1f}s: {code} after {taken:.2f}s "
                             f"(retry-after {retry_after})")
+    if horde.error:
+        problems.append(f"the attack itself failed: {horde.error}")
+    if not held["held_max"]:
+        problems.append("no socket was ever held open: no attack happened")
     if not counts["200"]:
         problems.append("no probe was acknowledged during the attack")
     if recovered_in is None:

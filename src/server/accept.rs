@@ -8,7 +8,8 @@
 //!   reopened: clients are told at once instead of hanging in the backlog.
 //! - When that is not possible (the spare could not be reopened, or the error is another
 //!   one), the loop waits: until one of this listener's connections closes (a descriptor is
-//!   free again) or a short backoff passes, doubling up to one second while errors last.
+//!   free again) or a short backoff passes, doubling up to 250 ms while errors last. Each
+//!   retry first tries to get the spare back.
 //!
 //! Warnings are rate-limited: one per `WARN_EVERY`, with the count of errors since the last.
 
@@ -23,7 +24,7 @@ use super::connection_limit::ConnectionLimit;
 use super::refusal::{refuse, Refusal};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(5);
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_millis(250);
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
 pub struct Acceptor {
@@ -70,6 +71,10 @@ impl Acceptor {
                 continue;
             }
             self.warn(&error);
+            if self.spare.is_none() {
+                // Lost to another opener the last time; a descriptor may be free again.
+                self.spare = open_spare();
+            }
             if is_out_of_descriptors(&error) && self.refuse_one_with_the_spare() {
                 continue;
             }
