@@ -15,7 +15,6 @@
 
 use std::fs::File;
 use std::io;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -26,6 +25,7 @@ use super::refusal::{refuse, Refusal};
 const FIRST_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_BACKOFF: Duration = Duration::from_millis(250);
 const WARN_EVERY: Duration = Duration::from_secs(10);
+const SPARE_ACCEPT_WAIT: Duration = Duration::from_millis(10);
 
 pub struct Acceptor {
     listener: TcpListener,
@@ -75,7 +75,7 @@ impl Acceptor {
                 // Lost to another opener the last time; a descriptor may be free again.
                 self.spare = open_spare();
             }
-            if is_out_of_descriptors(&error) && self.refuse_one_with_the_spare() {
+            if is_out_of_descriptors(&error) && self.refuse_one_with_the_spare().await {
                 continue;
             }
             tokio::select! {
@@ -88,15 +88,17 @@ impl Acceptor {
 
     /// Frees the spare descriptor to accept one waiting connection and refuse it. False when
     /// there is no spare, or nothing could be accepted with it.
-    fn refuse_one_with_the_spare(&mut self) -> bool {
+    async fn refuse_one_with_the_spare(&mut self) -> bool {
         let Some(spare) = self.spare.take() else {
             return false;
         };
         drop(spare);
-        // One non-blocking try: the listener reported a waiting connection a moment ago.
-        let accepted = poll_once(&self.listener);
+        // A connection is waiting (accept just failed on it), so this returns at once; the
+        // bound only covers one that went away meanwhile. Awaited rather than polled once, so
+        // that tokio's cooperative budget delays it (a yield) instead of failing it.
+        let accepted = tokio::time::timeout(SPARE_ACCEPT_WAIT, self.listener.accept()).await;
         let refused = match accepted {
-            Some(Ok(stream)) => {
+            Ok(Ok((stream, _peer))) => {
                 refuse(stream, self.name, Refusal::OutOfFileDescriptors);
                 true
             }
@@ -121,15 +123,6 @@ impl Acceptor {
             self.last_warning = Some(Instant::now());
             self.unreported = 0;
         }
-    }
-}
-
-fn poll_once(listener: &TcpListener) -> Option<io::Result<TcpStream>> {
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
-    match listener.poll_accept(&mut cx) {
-        Poll::Ready(result) => Some(result.map(|(stream, _)| stream)),
-        Poll::Pending => None,
     }
 }
 
