@@ -28,6 +28,9 @@ check method_flood python3 faults/method_flood.py --seconds 15
 check unsigned_body_flood python3 faults/unsigned_body_flood.py --seconds 15
 check wrong_signature_flood python3 faults/wrong_signature_flood.py --seconds 15
 check odd_request_ids python3 faults/odd_request_ids.py --seconds 15
+# Short clocks so that the held sockets are closed and reopened several times in 12 s.
+check idle_sockets python3 faults/idle_sockets.py --sockets 1000 --seconds 12 --header-read-timeout 3s
+check connection_flood python3 faults/connection_flood.py --sockets 1000 --seconds 8
 # The hostile-input corpus is part of `cargo test` (tests/integration/hostile.rs).
 # The first fuzz build compiles every dependency with sanitizers: FAULTS_SKIP_FUZZ=1 skips it.
 if [ "${FAULTS_SKIP_FUZZ:-0}" != 1 ]; then

@@ -8,6 +8,7 @@ import hmac
 import http.client
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -59,7 +60,9 @@ def free_port():
 class Relay:
     """One nen-relay process on a fixed port, restartable on the same port."""
 
-    def __init__(self, db, port, secret, token, binary=None, extra_env=None, log_path=None):
+    def __init__(self, db, port, secret, token, binary=None, extra_env=None, log_path=None,
+                 max_open_files=None):
+        self.max_open_files = max_open_files  # RLIMIT_NOFILE of the process, like `ulimit -n`
         self.binary = binary or os.environ.get("NEN_RELAY_BIN", DEFAULT_BIN)
         self.port = port
         self.env = dict(os.environ)
@@ -78,8 +81,11 @@ class Relay:
 
     def start(self, ready_within=30.0):
         log = open(self.log_path, "ab")
+        limit = self.max_open_files
         self.proc = subprocess.Popen([self.binary, "serve"], env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=(lambda: resource.setrlimit(
+                                         resource.RLIMIT_NOFILE, (limit, limit))) if limit else None)
         log.close()
         deadline = time.monotonic() + ready_within
         while time.monotonic() < deadline:
@@ -107,6 +113,12 @@ class Relay:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    def cpu_seconds(self):
+        """User + system CPU time the process has used so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_kib(self):
         with open(f"/proc/{self.proc.pid}/status") as f:

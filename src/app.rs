@@ -1,5 +1,5 @@
-//! `Application::build`: binds the listener, assembles the router and its middleware, and serves
-//! until a shutdown signal, letting in-flight requests finish.
+//! `Application::build`: binds the listeners, assembles the routers and their middleware, and
+//! serves (see `crate::server`) until a shutdown signal, then hands off gracefully.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,10 +12,7 @@ use axum::http::HeaderName;
 use axum::middleware;
 use axum::routing::{get, post};
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
@@ -40,15 +37,18 @@ use crate::http::{callbacks, ops, runs, AppState};
 use crate::nen::NenClient;
 use crate::runs::stuck::{self, StuckRule};
 use crate::runs::{feed_listener, waiters::Waiters};
+use crate::server::{shutdown, Server};
 use crate::store::{self, Store};
 
 /// A built service: listening, but not yet serving.
 pub struct Application {
-    listener: TcpListener,
-    router: Router,
+    public: Server,
+    /// On `NEN_RELAY_OPS_BIND`, when set.
+    ops: Option<Server>,
+    readiness: Arc<Readiness>,
     writers: Writers,
+    shutdown_delay: Duration,
     shutdown_timeout: Duration,
-    http: crate::config::HttpSettings,
     draining: CancellationToken,
 }
 
@@ -75,6 +75,14 @@ impl Application {
         let listener = TcpListener::bind(settings.bind)
             .await
             .with_context(|| format!("cannot listen on {} (NEN_RELAY_BIND)", settings.bind))?;
+        let ops_listener = match settings.ops_bind {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot listen on {address} (NEN_RELAY_OPS_BIND)"))?,
+            ),
+            None => None,
+        };
         // Writers give up on a batch a little after the statement timeout, so a hung
         // connection cannot hold a writer forever.
         let store_timeout = settings.store.statement_timeout + settings.store.acquire_timeout;
@@ -94,6 +102,11 @@ impl Application {
             StuckRule::new(settings.runs.stuck_after),
             draining.clone(),
         );
+        let ops_endpoints = OpsEndpoints {
+            readiness: Arc::new(Readiness::new(store.clone())),
+            scrape: Arc::new(Scrape::new(store.clone(), ingest.clone())),
+        };
+        let readiness = ops_endpoints.readiness.clone();
         let state = AppState {
             webhook_keys: Arc::new(WebhookKeys::new(&settings.webhook_secrets)),
             api_tokens: Arc::new(ApiTokens::new(&settings.api_tokens)),
@@ -110,101 +123,103 @@ impl Application {
             "accepting callbacks signed with {} secret(s)",
             state.webhook_keys.ids().len()
         );
+        let http = &settings.http;
+        let (public, ops) = match ops_listener {
+            Some(ops_listener) => (
+                Server::new(
+                    "public",
+                    listener,
+                    public_router(state, ops_endpoints.clone(), false),
+                    http,
+                ),
+                Some(Server::new(
+                    "ops",
+                    ops_listener,
+                    ops_router(ops_endpoints, http.max_in_flight),
+                    http,
+                )),
+            ),
+            None => (
+                Server::new(
+                    "public",
+                    listener,
+                    public_router(state, ops_endpoints, true),
+                    http,
+                ),
+                None,
+            ),
+        };
         Ok(Self {
-            listener,
-            router: router(state),
+            public,
+            ops,
+            readiness,
             writers,
-            shutdown_timeout: settings.http.shutdown_timeout,
-            http: settings.http,
+            shutdown_delay: http.shutdown_delay,
+            shutdown_timeout: http.shutdown_timeout,
             draining,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.public.local_addr()
     }
 
     pub fn port(&self) -> u16 {
         self.local_addr().port()
     }
 
-    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
-    /// (at most `http.shutdown_timeout`), and lets the writers commit what was queued.
+    /// The ops listener's address, when `NEN_RELAY_OPS_BIND` is set.
+    pub fn ops_local_addr(&self) -> Option<SocketAddr> {
+        self.ops.as_ref().map(Server::local_addr)
+    }
+
+    /// Serves until `shutdown` completes, then hands off (see `crate::server::shutdown`):
+    /// not ready at once, serving on for `http.shutdown_delay`, then the listeners close,
+    /// in-flight requests finish and the writers commit what was queued, within
+    /// `http.shutdown_timeout`.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let Application {
-            listener,
-            router,
+            public,
+            ops,
+            readiness,
             writers,
+            shutdown_delay,
             shutdown_timeout,
-            http,
             draining,
         } = self;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            // A client that trickles its headers is cut off instead of holding a connection.
-            .header_read_timeout(http.header_read_timeout)
-            .keep_alive(true);
-        let graceful = GracefulShutdown::new();
         let upkeep = crate::telemetry::spawn_upkeep();
-        tokio::pin!(shutdown);
-        tracing::info!(address = %listener.local_addr()?, "nen-relay listening");
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let stream = match accepted {
-                        Ok((stream, _peer)) => stream,
-                        Err(error) => {
-                            // Out of file descriptors and the like: back off briefly instead of
-                            // spinning on the same error.
-                            tracing::warn!(%error, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let service = TowerToHyperService::new(router.clone());
-                    let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    let connection = graceful.watch(connection);
-                    tokio::spawn(async move {
-                        let _ = connection.await;
-                    });
-                }
-                () = &mut shutdown => break,
+        tracing::info!(address = %public.local_addr(), "nen-relay listening");
+        if let Some(ops) = &ops {
+            tracing::info!(address = %ops.local_addr(), "operations endpoints listening");
+        }
+        let graceful = GracefulShutdown::new();
+        let stop_accepting = CancellationToken::new();
+        let serve_ops = async {
+            if let Some(ops) = ops {
+                ops.accept_until(&stop_accepting, &graceful).await;
             }
-        }
-        drop(listener);
+        };
+        tokio::join!(
+            public.accept_until(&stop_accepting, &graceful),
+            serve_ops,
+            shutdown::hand_off(shutdown, &readiness, shutdown_delay, &stop_accepting),
+        );
+        // The listeners are closed: requests that would wait answer at once.
         draining.cancel();
-        tracing::info!("shutting down: finishing in-flight requests");
-        if tokio::time::timeout(shutdown_timeout, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!("in-flight requests did not finish within {shutdown_timeout:?}");
-        }
-        // The router holds the last handles on the ingest queue: dropping it lets the writers
-        // finish what is queued and stop.
-        drop(router);
-        writers.drain(shutdown_timeout).await;
+        shutdown::drain(graceful, writers, shutdown_timeout).await;
         upkeep.abort();
         tracing::info!("stopped");
         Ok(())
     }
 }
 
-/// The whole HTTP surface with its middleware.
-pub fn router(state: AppState) -> Router {
+/// What the public listener serves: callbacks, the API under `/v1`, `/healthz` and `/readyz`,
+/// and `/metrics` unless the ops listener serves it (`with_metrics`).
+pub fn public_router(state: AppState, endpoints: OpsEndpoints, with_metrics: bool) -> Router {
     let max_in_flight = state.settings.http.max_in_flight;
-    let readiness = Arc::new(Readiness::new(state.store.clone()));
-    let scrape = Arc::new(Scrape::new(state.store.clone(), state.ingest.clone()));
     // Everything under /v1, unknown paths included, needs a token: a caller without one learns
     // nothing about which routes exist.
     let v1 = Router::new()
@@ -216,15 +231,46 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::require_token,
         ));
-    Router::new()
+    let api = Router::new()
         .route("/webhooks/nen", post(callbacks::receive))
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz).with_state(readiness))
-        .route("/metrics", get(ops::metrics).with_state(scrape))
         .nest("/v1", v1)
+        .with_state(state);
+    with_middleware(
+        api.merge(ops_routes(endpoints, with_metrics)),
+        max_in_flight,
+    )
+}
+
+/// What the ops listener (`NEN_RELAY_OPS_BIND`) serves: `/healthz`, `/readyz`, `/metrics`. Its
+/// own in-flight limit: a flood on the public listener cannot crowd out probes and scrapes.
+pub fn ops_router(endpoints: OpsEndpoints, max_in_flight: usize) -> Router {
+    with_middleware(ops_routes(endpoints, true), max_in_flight)
+}
+
+/// What the operations routes read: the cached store check and the scrape-time gauges.
+#[derive(Clone)]
+pub struct OpsEndpoints {
+    pub readiness: Arc<Readiness>,
+    pub scrape: Arc<Scrape>,
+}
+
+/// The operations routes (no auth), to be mounted on either listener.
+fn ops_routes(endpoints: OpsEndpoints, with_metrics: bool) -> Router {
+    let routes = Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz).with_state(endpoints.readiness));
+    if with_metrics {
+        routes.route("/metrics", get(ops::metrics).with_state(endpoints.scrape))
+    } else {
+        routes
+    }
+}
+
+/// The middleware every listener's routes get, and the error shape for unknown routes.
+fn with_middleware(routes: Router, max_in_flight: usize) -> Router {
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
         .layer(
             ServiceBuilder::new()
                 .layer(SetSensitiveRequestHeadersLayer::new([

@@ -340,7 +340,8 @@ impl Settings {
             }
         }
         if let Some(ops) = self.ops_bind {
-            if ops == self.bind {
+            // Port 0 asks the system for a free port, a different one for each listener.
+            if ops == self.bind && ops.port() != 0 {
                 return Err(ConfigError::Invalid(format!(
                     "NEN_RELAY_OPS_BIND ({ops}) must differ from NEN_RELAY_BIND"
                 )));

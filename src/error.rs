@@ -50,6 +50,9 @@ pub enum ApiError {
     /// The store or the ingest queue cannot take the request now; the client should retry.
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
+    /// The shutdown signal came: `/readyz` says so while serving goes on for a moment.
+    #[error("the service is shutting down")]
+    ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -74,7 +77,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::IdempotencyConflict | ApiError::IdempotencyInProgress => StatusCode::CONFLICT,
-            ApiError::NotConfigured(_) | ApiError::Unavailable(_) => {
+            ApiError::NotConfigured(_) | ApiError::Unavailable(_) | ApiError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::NenRejected { status, .. } => *status,
@@ -100,7 +103,7 @@ impl ApiError {
             ApiError::NenRejected { .. } => "nen_rejected",
             ApiError::NenUnavailable(_) => "nen_unavailable",
             ApiError::NenTimeout => "nen_timeout",
-            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Unavailable(_) | ApiError::ShuttingDown => "unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -203,7 +206,7 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(body)).into_response();
         let headers = response.headers_mut();
         match self {
-            ApiError::Unavailable(_) | ApiError::NotConfigured(_) => {
+            ApiError::Unavailable(_) | ApiError::NotConfigured(_) | ApiError::ShuttingDown => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from_static(RETRY_AFTER_SECONDS),
@@ -226,7 +229,10 @@ impl IntoResponse for ApiError {
             response.extensions_mut().insert(ServerErrorDetail {
                 code: self.code(),
                 detail: self.to_string(),
-                expected: matches!(self, ApiError::Unavailable(_) | ApiError::NotConfigured(_)),
+                expected: matches!(
+                    self,
+                    ApiError::Unavailable(_) | ApiError::NotConfigured(_) | ApiError::ShuttingDown
+                ),
             });
         }
         response

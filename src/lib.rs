@@ -3,7 +3,7 @@
 //!
 //! Data flows one way: HTTP edge (extract, verify) -> domain types -> store -> response.
 
-/// `Application::build`: listener, router, middleware stack, graceful shutdown.
+/// `Application::build`: listeners, routers, middleware stack, graceful shutdown.
 pub mod app;
 /// Receiving callbacks: signature, payload, group-committed ingest.
 pub mod callbacks;
@@ -21,6 +21,8 @@ pub mod metrics;
 pub mod nen;
 /// Runs: status order, starting runs on Nen, idempotency, queries.
 pub mod runs;
+/// Serving HTTP/1.1: connection limits, header and idle clocks, the accept loop, shutdown.
+pub mod server;
 /// The `Store` trait and its PostgreSQL and SQLite backends.
 pub mod store;
 /// Tracing subscriber (JSON or pretty) and the Prometheus recorder.

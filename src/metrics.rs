@@ -13,6 +13,9 @@ use crate::store::PoolUsage;
 pub const CALLBACKS_TOTAL: &str = "nen_relay_callbacks_total";
 pub const CALLBACKS_BY_KEY_TOTAL: &str = "nen_relay_callbacks_by_key_total";
 pub const CALLBACK_ANOMALIES_TOTAL: &str = "nen_relay_callback_anomalies_total";
+pub const CONNECTIONS_OPEN: &str = "nen_relay_connections_open";
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "nen_relay_connections_refused_total";
+pub const CONNECTION_TIMEOUTS_TOTAL: &str = "nen_relay_connection_timeouts_total";
 pub const HTTP_REQUEST_DURATION: &str = "nen_relay_http_request_duration_seconds";
 pub const INGEST_BATCH_SIZE: &str = "nen_relay_ingest_batch_size";
 pub const INGEST_COMMIT_DURATION: &str = "nen_relay_ingest_commit_duration_seconds";
@@ -111,6 +114,21 @@ pub fn describe_all() {
         Unit::Bytes,
         "Bytes of unverified callback bodies reserved right now."
     );
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        Unit::Count,
+        "Client connections open, by listener (at most http.max_connections each)."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        "Connections closed at once, by listener and reason: max_connections or \
+         out_of_file_descriptors."
+    );
+    describe_counter!(
+        CONNECTION_TIMEOUTS_TOTAL,
+        "Connections closed by a clock, by phase: head (no complete request head in time) or \
+         idle (keep-alive unused)."
+    );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -194,6 +212,29 @@ pub fn add_inflight_body_bytes(bytes: usize) {
 
 pub fn remove_inflight_body_bytes(bytes: usize) {
     gauge!(WEBHOOK_INFLIGHT_BODY_BYTES).decrement(bytes as f64);
+}
+
+/// `listener` is `public` or `ops`.
+pub fn set_connections_open(listener: &'static str, open: usize) {
+    gauge!(CONNECTIONS_OPEN, "listener" => listener).set(open as f64);
+}
+
+pub fn connection_opened(listener: &'static str) {
+    gauge!(CONNECTIONS_OPEN, "listener" => listener).increment(1.0);
+}
+
+pub fn connection_closed(listener: &'static str) {
+    gauge!(CONNECTIONS_OPEN, "listener" => listener).decrement(1.0);
+}
+
+/// `reason` is `max_connections` or `out_of_file_descriptors`.
+pub fn record_connection_refused(listener: &'static str, reason: &'static str) {
+    counter!(CONNECTIONS_REFUSED_TOTAL, "listener" => listener, "reason" => reason).increment(1);
+}
+
+/// `phase` is `head` (no complete request head in time) or `idle` (keep-alive unused).
+pub fn record_connection_timeout(phase: &'static str) {
+    counter!(CONNECTION_TIMEOUTS_TOTAL, "phase" => phase).increment(1);
 }
 
 pub fn record_batch(size: usize, seconds: f64) {

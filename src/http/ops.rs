@@ -18,10 +18,13 @@ pub async fn healthz() -> impl IntoResponse {
 }
 
 /// 200 when the store answered, else 503. The answer may be up to a second old: the store is
-/// pinged at most once a second, however many callers ask.
+/// pinged at most once a second, however many callers ask. From the shutdown signal on: 503.
 pub async fn readyz(
     State(readiness): State<Arc<Readiness>>,
 ) -> Result<impl IntoResponse, ApiError> {
+    if readiness.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
     match readiness.check().await {
         Ok(()) => Ok(Json(json!({"status": "ready"}))),
         Err(why) => Err(ApiError::Unavailable(why)),

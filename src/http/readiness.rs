@@ -1,9 +1,11 @@
 //! The store check behind `/readyz`, cached briefly: however many callers ask at once, the store
 //! is pinged at most once per `READY_CACHE_FOR`, so a flood of `/readyz` cannot crowd the pool
-//! that callbacks are written through.
+//! that callbacks are written through. From the shutdown signal on, it answers "not ready"
+//! without asking the store, so that load balancers stop sending before the listener closes.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +27,7 @@ pub struct Readiness {
     /// The last result and when it was known. Held across the ping, so that callers arriving
     /// meanwhile wait for its result instead of pinging too.
     last: Mutex<Option<(Instant, Result<(), String>)>>,
+    shutting_down: AtomicBool,
 }
 
 impl Readiness {
@@ -50,7 +53,17 @@ impl Readiness {
             ping: Box::new(move || Box::pin(ping())),
             cache_for,
             last: Mutex::new(None),
+            shutting_down: AtomicBool::new(false),
         }
+    }
+
+    /// From now on, the service is not ready, whatever the store says.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
     }
 
     /// `Ok` when the store answered its last ping, else why not. Pings only when the cached

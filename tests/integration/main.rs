@@ -4,11 +4,13 @@ mod support;
 
 mod callbacks;
 mod command_line;
+mod connections;
 mod group_commit;
 mod hostile;
 mod operations;
 mod query;
 mod replicas;
+mod shutdown;
 mod store_behaviour;
 mod stuck;
 mod trigger;

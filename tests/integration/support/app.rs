@@ -19,6 +19,8 @@ use super::logs;
 /// A running nen-relay with unique secrets and tokens.
 pub struct TestApp {
     pub address: String,
+    /// `http://127.0.0.1:<port>` of the ops listener, when `NEN_RELAY_OPS_BIND` was given.
+    pub ops_address: Option<String>,
     pub client: reqwest::Client,
     /// The configured webhook secrets; the first signs by default.
     pub secrets: Vec<String>,
@@ -97,12 +99,16 @@ impl TestApp {
             .await
             .expect("the app builds");
         let address = format!("http://127.0.0.1:{}", application.port());
+        let ops_address = application
+            .ops_local_addr()
+            .map(|ops| format!("http://{ops}"));
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(application.run_until_stopped(async move {
             let _ = stopped.await;
         }));
         TestApp {
             address,
+            ops_address,
             client: reqwest::Client::new(),
             secrets,
             tokens,
@@ -115,9 +121,19 @@ impl TestApp {
 
     /// Sends SIGTERM's equivalent and waits for the server to finish in-flight work.
     pub async fn shutdown(&mut self) {
+        self.begin_shutdown();
+        self.wait_stopped().await;
+    }
+
+    /// Sends SIGTERM's equivalent without waiting.
+    pub fn begin_shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// Waits for the server to finish, insisting on a clean stop.
+    pub async fn wait_stopped(&mut self) {
         if let Some(server) = self.server.take() {
             server.await.expect("server task").expect("clean shutdown");
         }

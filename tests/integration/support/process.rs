@@ -195,9 +195,42 @@ impl RelayProcess {
     }
 
     /// Sends SIGTERM, as a container runtime does, and waits for the process to exit.
-    pub async fn stop(mut self) -> ExitStatus {
+    pub async fn stop(self) -> ExitStatus {
+        self.terminate();
+        self.wait().await.0
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&self) {
         kill(self.pid, Signal::SIGTERM).expect("the child is still running");
-        self.child.wait().await.expect("the child exits")
+    }
+
+    /// Waits for the process to exit; returns how, and everything it wrote.
+    pub async fn wait(mut self) -> (ExitStatus, String) {
+        let status = self.child.wait().await.expect("the child exits");
+        (status, self.output())
+    }
+
+    /// `http://<address>` of the ops listener (`NEN_RELAY_OPS_BIND`), from its start line.
+    pub async fn ops_address(&self) -> String {
+        let deadline = tokio::time::Instant::now() + START_GUARD;
+        loop {
+            let found = self.output.lock().unwrap().iter().find_map(|line| {
+                let event: Value = serde_json::from_str(line).ok()?;
+                (event["message"] == "operations endpoints listening")
+                    .then(|| event["address"].as_str().map(str::to_owned))
+                    .flatten()
+            });
+            if let Some(address) = found {
+                return format!("http://{address}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no ops listener in:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
