@@ -76,6 +76,7 @@ impl Application {
         let store_timeout = settings.store.statement_timeout + settings.store.acquire_timeout;
         let (ingest, writers) = Ingest::start(store.clone(), &settings.ingest, store_timeout);
         let draining = CancellationToken::new();
+        crate::retention::spawn(store.clone(), &settings.retention, draining.clone());
         let state = AppState {
             webhook_keys: Arc::new(WebhookKeys::new(&settings.webhook_secrets)),
             api_tokens: Arc::new(ApiTokens::new(&settings.api_tokens)),

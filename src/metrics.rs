@@ -14,6 +14,8 @@ pub const INGEST_BATCH_SIZE: &str = "nen_relay_ingest_batch_size";
 pub const INGEST_COMMIT_DURATION: &str = "nen_relay_ingest_commit_duration_seconds";
 pub const INGEST_FAILURES_TOTAL: &str = "nen_relay_ingest_failures_total";
 pub const TRIGGERS_TOTAL: &str = "nen_relay_triggers_total";
+pub const RETENTION_SWEPT_TOTAL: &str = "nen_relay_retention_swept_total";
+pub const RETENTION_SWEEPS_TOTAL: &str = "nen_relay_retention_sweeps_total";
 
 /// How a callback was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,4 +106,54 @@ impl TriggerOutcome {
 
 pub fn record_trigger(outcome: TriggerOutcome) {
     counter!(TRIGGERS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+}
+
+/// What a retention sweep removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetentionKind {
+    /// Event payloads pruned (the events stay).
+    Payloads,
+    /// Terminal runs deleted with their events.
+    Runs,
+    Rejected,
+    IdempotencyKeys,
+}
+
+impl RetentionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetentionKind::Payloads => "payloads",
+            RetentionKind::Runs => "runs",
+            RetentionKind::Rejected => "rejected",
+            RetentionKind::IdempotencyKeys => "idempotency_keys",
+        }
+    }
+}
+
+/// Rows one sweep batch pruned or deleted.
+pub fn record_retention_swept(kind: RetentionKind, rows: u64) {
+    counter!(RETENTION_SWEPT_TOTAL, "kind" => kind.as_str()).increment(rows);
+}
+
+/// How a scheduled sweep ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepOutcome {
+    Done,
+    /// Another replica was sweeping.
+    Skipped,
+    Failed,
+}
+
+impl SweepOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SweepOutcome::Done => "done",
+            SweepOutcome::Skipped => "skipped",
+            SweepOutcome::Failed => "failed",
+        }
+    }
+}
+
+pub fn record_retention_sweep(outcome: SweepOutcome) {
+    counter!(RETENTION_SWEEPS_TOTAL, "outcome" => outcome.as_str()).increment(1);
 }

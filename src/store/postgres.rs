@@ -8,25 +8,33 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::query::QueryAs;
-use sqlx::Postgres;
+use sqlx::{Connection, Postgres};
 
 use super::claim::ExistingClaim;
 use super::listing::{Listing, ListingFilter};
 use super::model::*;
 use super::plan::BatchPlan;
+use super::retention::SweepSession;
 use super::rows::{EventRow, RunRow};
-use super::{Store, StoreError, StoreOptions};
+use super::{migrations, Store, StoreError, StoreOptions};
+
+mod sweep;
 
 /// Deadlocks and serialization failures between concurrent writers are retried this often.
 const MAX_ATTEMPTS: usize = 3;
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// The `DATABASE_URL`, without the request timeouts: migrations connect with their own.
+    url_options: PgConnectOptions,
+    /// What every pooled connection is opened with; a sweep opens its own connection with it.
+    connect: PgConnectOptions,
 }
 
 impl PostgresStore {
@@ -34,8 +42,10 @@ impl PostgresStore {
     /// the database is down, and connects as soon as it answers.
     pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
         let statement_timeout = format!("{}", options.statement_timeout.as_millis().max(1));
-        let connect = PgConnectOptions::from_str(url)
-            .map_err(|error| StoreError::Internal(format!("invalid DATABASE_URL: {error}")))?
+        let url_options = PgConnectOptions::from_str(url)
+            .map_err(|error| StoreError::Internal(format!("invalid DATABASE_URL: {error}")))?;
+        let connect = url_options
+            .clone()
             .application_name("nen-relay")
             // Server-side caps, so that a slow database answers with an error the service turns
             // into 503 instead of holding requests past Nen's 5-second budget.
@@ -50,18 +60,34 @@ impl PostgresStore {
             // A ping per checkout would double the round trips of every batch; a dead
             // connection fails its first statement instead, and is replaced.
             .test_before_acquire(false)
-            .connect_lazy_with(connect);
-        Ok(Self { pool })
+            .connect_lazy_with(connect.clone());
+        Ok(Self {
+            pool,
+            url_options,
+            connect,
+        })
     }
 
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("migrations/postgres")
-            .run(&self.pool)
-            .await
-            .map_err(|error| match error {
-                sqlx::migrate::MigrateError::Execute(inner) => StoreError::from(inner),
-                other => StoreError::Internal(format!("migration failed: {other}")),
-            })
+    /// Applies the migrations on a connection of their own: no statement timeout (a schema
+    /// change may take longer than a request may), and lock waits capped at `lock_timeout`,
+    /// sqlx's advisory lock included, which another replica holds while it migrates.
+    pub async fn migrate(&self, lock_timeout: Duration) -> Result<(), StoreError> {
+        let lock_timeout_ms = lock_timeout.as_millis().max(1).to_string();
+        let options = self
+            .url_options
+            .clone()
+            .application_name("nen-relay migrate")
+            .options([
+                ("statement_timeout", "0"),
+                ("lock_timeout", lock_timeout_ms.as_str()),
+                ("idle_in_transaction_session_timeout", "0"),
+            ]);
+        let mut connection = PgConnection::connect_with(&options).await?;
+        let result = sqlx::migrate!("migrations/postgres")
+            .run(&mut connection)
+            .await;
+        let _ = connection.close().await;
+        result.map_err(|error| migrations::failed(error, lock_timeout))
     }
 
     async fn try_record(&self, plan: &BatchPlan<'_>) -> Result<Vec<DeliveryOutcome>, sqlx::Error> {
@@ -420,7 +446,7 @@ select status, received_at, duplicates, differing_duplicates,
            where runs.message_id = events.message_id
              and runs.status_rank = 2
              and runs.status <> events.status)) as conflicting_terminal,
-       key_id, last_received_at, payload
+       key_id, last_received_at, payload, payload_pruned
 from events
 where message_id = $1
 order by received_at, id";
@@ -586,5 +612,10 @@ impl Store for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("select 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn begin_sweep(&self) -> Result<Option<Box<dyn SweepSession>>, StoreError> {
+        let session = sweep::PostgresSweep::begin(&self.connect).await?;
+        Ok(session.map(|session| Box::new(session) as Box<dyn SweepSession>))
     }
 }

@@ -68,8 +68,9 @@ pub struct EventRow<Time> {
     pub conflicting_terminal: bool,
     pub key_id: String,
     pub last_received_at: Time,
-    /// The body as received.
+    /// The body as received; empty once pruned.
     pub payload: String,
+    pub payload_pruned: bool,
 }
 
 impl<Time> EventRow<Time> {
@@ -86,7 +87,12 @@ impl<Time> EventRow<Time> {
             conflicting_terminal: self.conflicting_terminal,
             key_id: self.key_id,
             last_received_at: time(self.last_received_at)?,
-            payload: json_or_string(self.payload),
+            payload: if self.payload_pruned {
+                RawValue::NULL.to_owned()
+            } else {
+                json_or_string(self.payload)
+            },
+            payload_pruned: self.payload_pruned,
         })
     }
 }

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -18,20 +19,26 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
+use sqlx::Connection;
 
 use super::claim::ExistingClaim;
 use super::forward_only::RunState;
 use super::listing::{Listing, ListingFilter};
 use super::model::*;
 use super::plan::BatchPlan;
+use super::retention::SweepSession;
 use super::rows::{EventRow, RunRow};
-use super::{Store, StoreError, StoreOptions};
+use super::{migrations, Store, StoreError, StoreOptions};
+
+mod sweep;
 
 pub struct SqliteStore {
     /// One connection: the only way anything is written.
     writer: SqlitePool,
     /// Read-only connections (`query_only`), so that no write can bypass the queue above.
     readers: SqlitePool,
+    /// What every connection is opened with; migrations open their own with a longer wait.
+    base: SqliteConnectOptions,
 }
 
 impl SqliteStore {
@@ -72,18 +79,25 @@ impl SqliteStore {
         let readers = SqlitePoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
-            .connect_lazy_with(base.pragma("query_only", "true"));
-        Ok(Self { writer, readers })
+            .connect_lazy_with(base.clone().pragma("query_only", "true"));
+        Ok(Self {
+            writer,
+            readers,
+            base,
+        })
     }
 
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("migrations/sqlite")
-            .run(&self.writer)
-            .await
-            .map_err(|error| match error {
-                sqlx::migrate::MigrateError::Execute(inner) => StoreError::from(inner),
-                other => StoreError::Internal(format!("migration failed: {other}")),
-            })
+    /// Applies the migrations on a connection of their own, which waits up to `lock_timeout`
+    /// for the write lock another process holds (the store's own writer holds none between
+    /// transactions).
+    pub async fn migrate(&self, lock_timeout: Duration) -> Result<(), StoreError> {
+        let mut connection =
+            SqliteConnection::connect_with(&self.base.clone().busy_timeout(lock_timeout)).await?;
+        let result = sqlx::migrate!("migrations/sqlite")
+            .run(&mut connection)
+            .await;
+        let _ = connection.close().await;
+        result.map_err(|error| migrations::failed(error, lock_timeout))
     }
 
     async fn try_record(&self, plan: &BatchPlan<'_>) -> Result<Vec<DeliveryOutcome>, sqlx::Error> {
@@ -389,7 +403,7 @@ select status, received_at, duplicates, differing_duplicates,
            where runs.message_id = events.message_id
              and runs.status_rank = 2
              and runs.status <> events.status)) as conflicting_terminal,
-       key_id, last_received_at, payload
+       key_id, last_received_at, payload, payload_pruned
 from events
 where message_id = ?
 order by received_at, id";
@@ -555,6 +569,11 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("select 1").execute(&self.readers).await?;
         Ok(())
+    }
+
+    /// One process writes the file: nothing to exclude, every batch goes through the writer.
+    async fn begin_sweep(&self) -> Result<Option<Box<dyn SweepSession>>, StoreError> {
+        Ok(Some(Box::new(sweep::SqliteSweep::new(self.writer.clone()))))
     }
 }
 

@@ -15,7 +15,7 @@ use nen_relay::callbacks::payload::parse_callback;
 use nen_relay::config::IngestSettings;
 use nen_relay::store::{
     self, ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,
-    RunPage, RunQuery, Store, StoreError, StoredResponse, TriggeredRun,
+    RunPage, RunQuery, Store, StoreError, StoredResponse, SweepSession, TriggeredRun,
 };
 use reqwest::StatusCode;
 use tokio::sync::{oneshot, Semaphore};
@@ -117,6 +117,9 @@ impl Store for GatedStore {
             Some(failure) => Err(failure.clone()),
             None => self.inner().ping().await,
         }
+    }
+    async fn begin_sweep(&self) -> Result<Option<Box<dyn SweepSession>>, StoreError> {
+        self.inner().begin_sweep().await
     }
 }
 

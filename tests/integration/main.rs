@@ -7,5 +7,6 @@ mod group_commit;
 mod hostile;
 mod operations;
 mod query;
+mod retention;
 mod store_behaviour;
 mod trigger;

@@ -14,7 +14,7 @@ use nen_relay::config::{Environment, Settings};
 use nen_relay::nen::signing;
 use nen_relay::store::{
     self, ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,
-    RunPage, RunQuery, Store, StoreError, StoredResponse, TriggeredRun,
+    RunPage, RunQuery, Store, StoreError, StoredResponse, SweepSession, TriggeredRun,
 };
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
@@ -820,6 +820,9 @@ impl Store for HeldClaims {
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
+    }
+    async fn begin_sweep(&self) -> Result<Option<Box<dyn SweepSession>>, StoreError> {
+        self.inner.begin_sweep().await
     }
 }
 
