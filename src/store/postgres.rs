@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::query::QueryAs;
-use sqlx::{Connection, Postgres};
+use sqlx::Postgres;
 
 use super::claim::ExistingClaim;
 use super::listing::{Listing, ListingFilter};
@@ -82,11 +82,14 @@ impl PostgresStore {
                 ("lock_timeout", lock_timeout_ms.as_str()),
                 ("idle_in_transaction_session_timeout", "0"),
             ]);
-        let mut connection = PgConnection::connect_with(&options).await?;
-        let result = sqlx::migrate!("migrations/postgres")
-            .run(&mut connection)
-            .await;
-        let _ = connection.close().await;
+        // A pool of one connection, its own: `Migrator::run` takes a pool where a bare
+        // connection trips a compiler limitation in spawned tasks.
+        let connection = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        let result = sqlx::migrate!("migrations/postgres").run(&connection).await;
+        connection.close().await;
         result.map_err(|error| migrations::failed(error, lock_timeout))
     }
 

@@ -19,7 +19,6 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::Connection;
 
 use super::claim::ExistingClaim;
 use super::forward_only::RunState;
@@ -91,12 +90,14 @@ impl SqliteStore {
     /// for the write lock another process holds (the store's own writer holds none between
     /// transactions).
     pub async fn migrate(&self, lock_timeout: Duration) -> Result<(), StoreError> {
-        let mut connection =
-            SqliteConnection::connect_with(&self.base.clone().busy_timeout(lock_timeout)).await?;
-        let result = sqlx::migrate!("migrations/sqlite")
-            .run(&mut connection)
-            .await;
-        let _ = connection.close().await;
+        // A pool of one connection, its own: `Migrator::run` takes a pool where a bare
+        // connection trips a compiler limitation in spawned tasks.
+        let connection = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(self.base.clone().busy_timeout(lock_timeout))
+            .await?;
+        let result = sqlx::migrate!("migrations/sqlite").run(&connection).await;
+        connection.close().await;
         result.map_err(|error| migrations::failed(error, lock_timeout))
     }
 

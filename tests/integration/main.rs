@@ -5,6 +5,7 @@ mod support;
 mod callbacks;
 mod group_commit;
 mod hostile;
+mod migrations;
 mod operations;
 mod query;
 mod retention;
