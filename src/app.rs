@@ -107,6 +107,7 @@ impl Application {
             scrape: Arc::new(Scrape::new(store.clone(), ingest.clone())),
         };
         let readiness = ops_endpoints.readiness.clone();
+        crate::retention::spawn(store.clone(), &settings.retention, draining.clone());
         let state = AppState {
             webhook_keys: Arc::new(WebhookKeys::new(&settings.webhook_secrets)),
             api_tokens: Arc::new(ApiTokens::new(&settings.api_tokens)),

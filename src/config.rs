@@ -165,6 +165,7 @@ impl StoreSettings {
             max_connections: self.max_connections,
             acquire_timeout: self.acquire_timeout,
             statement_timeout: self.statement_timeout,
+            migrate_lock_timeout: self.migrate_lock_timeout,
         }
     }
 }

@@ -19,6 +19,8 @@ pub mod http;
 pub mod metrics;
 /// Talking to Nen: the outbound client and request signing.
 pub mod nen;
+/// Retention: pruning payloads and deleting old runs, rejected payloads and expired keys.
+pub mod retention;
 /// Runs: status order, starting runs on Nen, idempotency, queries.
 pub mod runs;
 /// Serving HTTP/1.1: connection limits, header and idle clocks, the accept loop, shutdown.

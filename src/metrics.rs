@@ -129,6 +129,15 @@ pub fn describe_all() {
         "Connections closed by a clock, by phase: head (no complete request head in time) or \
          idle (keep-alive unused)."
     );
+    describe_counter!(
+        RETENTION_SWEPT_TOTAL,
+        "Rows the retention sweep pruned or deleted, by kind: payloads, runs, rejected, \
+         idempotency_keys."
+    );
+    describe_counter!(
+        RETENTION_SWEEPS_TOTAL,
+        "Retention sweeps by outcome: done, skipped (another replica was sweeping), failed."
+    );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -146,6 +155,8 @@ pub const RUNS_STUCK: &str = "nen_relay_runs_stuck";
 pub const FEED_RECONNECTS_TOTAL: &str = "nen_relay_feed_reconnects_total";
 pub const WEBHOOK_BUDGET_EXHAUSTED_TOTAL: &str = "nen_relay_webhook_budget_exhausted_total";
 pub const WEBHOOK_INFLIGHT_BODY_BYTES: &str = "nen_relay_webhook_inflight_body_bytes";
+pub const RETENTION_SWEPT_TOTAL: &str = "nen_relay_retention_swept_total";
+pub const RETENTION_SWEEPS_TOTAL: &str = "nen_relay_retention_sweeps_total";
 
 /// How a callback was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,4 +300,54 @@ pub fn set_runs_stuck(count: u64) {
 /// The terminal-run feed (PostgreSQL) was lost and opened again.
 pub fn record_feed_reconnect() {
     counter!(FEED_RECONNECTS_TOTAL).increment(1);
+}
+
+/// What a retention sweep removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetentionKind {
+    /// Event payloads pruned (the events stay).
+    Payloads,
+    /// Terminal runs deleted with their events.
+    Runs,
+    Rejected,
+    IdempotencyKeys,
+}
+
+impl RetentionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetentionKind::Payloads => "payloads",
+            RetentionKind::Runs => "runs",
+            RetentionKind::Rejected => "rejected",
+            RetentionKind::IdempotencyKeys => "idempotency_keys",
+        }
+    }
+}
+
+/// Rows one sweep batch pruned or deleted.
+pub fn record_retention_swept(kind: RetentionKind, rows: u64) {
+    counter!(RETENTION_SWEPT_TOTAL, "kind" => kind.as_str()).increment(rows);
+}
+
+/// How a scheduled sweep ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepOutcome {
+    Done,
+    /// Another replica was sweeping.
+    Skipped,
+    Failed,
+}
+
+impl SweepOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SweepOutcome::Done => "done",
+            SweepOutcome::Skipped => "skipped",
+            SweepOutcome::Failed => "failed",
+        }
+    }
+}
+
+pub fn record_retention_sweep(outcome: SweepOutcome) {
+    counter!(RETENTION_SWEEPS_TOTAL, "outcome" => outcome.as_str()).increment(1);
 }

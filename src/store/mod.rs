@@ -10,7 +10,11 @@
 //!   which terminal statuses conflict;
 //! - `claim`: what a claim of an `Idempotency-Key` answers, from what the store found;
 //! - `listing`: which listing statement a query needs, and the page its rows make;
-//! - `rows`: how a selected row becomes a [`Run`] or an [`Event`].
+//! - `rows`: how a selected row becomes a [`Run`] or an [`Event`];
+//! - `migrations`: how a migration that waited too long for a lock is reported.
+//!
+//! A retention sweep (`crate::retention`) works through a [`SweepSession`] (`retention`), whose
+//! batches each backend writes in a file of its own (`postgres/sweep.rs`, `sqlite/sweep.rs`).
 //!
 //! Each backend writes its own SQL, whole, in its own file. The SQLite store runs every rule in
 //! Rust. The PostgreSQL store writes a batch with one statement, so that statement implements
@@ -22,10 +26,12 @@ mod claim;
 pub mod feed;
 mod forward_only;
 mod listing;
+mod migrations;
 pub mod model;
 mod plan;
 mod pool_usage;
 pub mod postgres;
+pub mod retention;
 mod rows;
 pub mod sqlite;
 
@@ -42,6 +48,7 @@ pub use model::{
     RunCursor, RunPage, RunQuery, StoredResponse, TriggeredRun,
 };
 pub use pool_usage::PoolUsage;
+pub use retention::{PrunedPayloads, SweepSession};
 
 /// Why a store call failed, in the terms the HTTP layer needs.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -158,6 +165,9 @@ pub trait Store: Send + Sync + 'static {
     /// Subscribes to runs that any writer sharing the database turns terminal, or `None` when
     /// this process is the only writer (SQLite), whose own commits wake its waiters. See `feed`.
     async fn terminal_run_feed(&self) -> Result<Option<Box<dyn TerminalRunFeed>>, StoreError>;
+
+    /// Opens a retention sweep, or answers `None` while another replica sweeps this database.
+    async fn begin_sweep(&self) -> Result<Option<Box<dyn SweepSession>>, StoreError>;
 }
 
 /// Connection settings shared by both backends.
@@ -168,6 +178,9 @@ pub struct StoreOptions {
     pub acquire_timeout: Duration,
     /// Server-side cap on one statement (PostgreSQL) or on waiting for the write lock (SQLite).
     pub statement_timeout: Duration,
+    /// How long migrations wait for a lock. They run on a connection of their own, without
+    /// `statement_timeout`.
+    pub migrate_lock_timeout: Duration,
 }
 
 impl Default for StoreOptions {
@@ -177,6 +190,7 @@ impl Default for StoreOptions {
             max_connections: 16,
             acquire_timeout: Duration::from_millis(1000),
             statement_timeout: Duration::from_millis(1500),
+            migrate_lock_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -213,14 +227,14 @@ pub async fn connect(
         Backend::Postgres => {
             let store = postgres::PostgresStore::connect(url, options).await?;
             if migrate {
-                store.migrate().await?;
+                store.migrate(options.migrate_lock_timeout).await?;
             }
             Ok(Arc::new(store))
         }
         Backend::Sqlite => {
             let store = sqlite::SqliteStore::connect(url, options).await?;
             if migrate {
-                store.migrate().await?;
+                store.migrate(options.migrate_lock_timeout).await?;
             }
             Ok(Arc::new(store))
         }

@@ -132,7 +132,11 @@ pub struct Event {
     pub last_received_at: DateTime<Utc>,
     /// The body as received, byte for byte. A stored payload that is not JSON (not written by
     /// this service) is a JSON string holding the stored text instead: see `rows::json_or_string`.
+    /// `null` once retention pruned it.
     pub payload: Box<RawValue>,
+    /// Retention removed the payload (`retention.payloads`); the event itself, its counters and
+    /// its body hash remain, so redeliveries are still recognised.
+    pub payload_pruned: bool,
 }
 
 /// Filters and position for `GET /v1/runs`.

@@ -8,6 +8,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -20,8 +21,11 @@ use super::feed::{self, FeedEvent, TerminalRunFeed};
 use super::listing::{Listing, ListingFilter};
 use super::model::*;
 use super::plan::BatchPlan;
+use super::retention::SweepSession;
 use super::rows::{EventRow, RunRow};
-use super::{PoolUsage, Store, StoreError, StoreOptions};
+use super::{migrations, PoolUsage, Store, StoreError, StoreOptions};
+
+mod sweep;
 
 /// Deadlocks and serialization failures between concurrent writers are retried this often.
 const MAX_ATTEMPTS: usize = 3;
@@ -30,6 +34,10 @@ pub struct PostgresStore {
     pool: PgPool,
     /// For the one connection that listens for terminal runs (`feed`), outside the pool.
     listen: PgConnectOptions,
+    /// The `DATABASE_URL`, without the request timeouts: migrations connect with their own.
+    url_options: PgConnectOptions,
+    /// What every pooled connection is opened with; a sweep opens its own connection with it.
+    connect: PgConnectOptions,
 }
 
 impl PostgresStore {
@@ -37,8 +45,10 @@ impl PostgresStore {
     /// the database is down, and connects as soon as it answers.
     pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
         let statement_timeout = format!("{}", options.statement_timeout.as_millis().max(1));
-        let connect = PgConnectOptions::from_str(url)
-            .map_err(|error| StoreError::Internal(format!("invalid DATABASE_URL: {error}")))?
+        let url_options = PgConnectOptions::from_str(url)
+            .map_err(|error| StoreError::Internal(format!("invalid DATABASE_URL: {error}")))?;
+        let connect = url_options
+            .clone()
             .application_name("nen-relay")
             // Server-side caps, so that a slow database answers with an error the service turns
             // into 503 instead of holding requests past Nen's 5-second budget.
@@ -54,8 +64,13 @@ impl PostgresStore {
             // connection fails its first statement instead, and is replaced.
             .test_before_acquire(false)
             .connect_lazy_with(connect.clone());
-        let listen = connect.application_name("nen-relay-listener");
-        Ok(Self { pool, listen })
+        let listen = connect.clone().application_name("nen-relay-listener");
+        Ok(Self {
+            pool,
+            listen,
+            url_options,
+            connect,
+        })
     }
 
     /// The pool's connections: open, and idle among them. The test
@@ -65,14 +80,31 @@ impl PostgresStore {
         (self.pool.size(), self.pool.num_idle())
     }
 
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("migrations/postgres")
-            .run(&self.pool)
-            .await
-            .map_err(|error| match error {
-                sqlx::migrate::MigrateError::Execute(inner) => StoreError::from(inner),
-                other => StoreError::Internal(format!("migration failed: {other}")),
-            })
+    /// Applies the migrations on a connection of their own: no statement timeout (a schema
+    /// change may take longer than a request may), and lock waits capped at `lock_timeout`,
+    /// sqlx's advisory lock included, which another replica holds while it migrates.
+    pub async fn migrate(&self, lock_timeout: Duration) -> Result<(), StoreError> {
+        let lock_timeout_ms = lock_timeout.as_millis().max(1).to_string();
+        let options = self
+            .url_options
+            .clone()
+            .application_name("nen-relay migrate")
+            .options([
+                ("statement_timeout", "0"),
+                ("lock_timeout", lock_timeout_ms.as_str()),
+                ("idle_in_transaction_session_timeout", "0"),
+            ]);
+        // A pool of one connection, its own: `Migrator::run` takes a pool where a bare
+        // connection trips a compiler limitation in spawned tasks.
+        let connection = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        let result = migrations::tolerating_newer(sqlx::migrate!("migrations/postgres"))
+            .run(&connection)
+            .await;
+        connection.close().await;
+        result.map_err(|error| migrations::failed(error, lock_timeout))
     }
 
     async fn try_record(&self, plan: &BatchPlan<'_>) -> Result<Vec<DeliveryOutcome>, sqlx::Error> {
@@ -463,7 +495,7 @@ select status, received_at, duplicates, differing_duplicates,
            where runs.message_id = events.message_id
              and runs.status_rank = 2
              and runs.status <> events.status)) as conflicting_terminal,
-       key_id, last_received_at, payload
+       key_id, last_received_at, payload, payload_pruned
 from events
 where message_id = $1
 order by received_at, id";
@@ -678,6 +710,11 @@ impl Store for PostgresStore {
         let mut listener = PgListener::connect_with(&pool).await?;
         listener.listen(feed::CHANNEL).await?;
         Ok(Some(Box::new(PgRunFeed { listener })))
+    }
+
+    async fn begin_sweep(&self) -> Result<Option<Box<dyn SweepSession>>, StoreError> {
+        let session = sweep::PostgresSweep::begin(&self.connect).await?;
+        Ok(session.map(|session| Box::new(session) as Box<dyn SweepSession>))
     }
 }
 

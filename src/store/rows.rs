@@ -79,8 +79,9 @@ pub struct EventRow<Time> {
     pub conflicting_terminal: bool,
     pub key_id: StoredText,
     pub last_received_at: Time,
-    /// The body as received.
+    /// The body as received; empty once pruned.
     pub payload: StoredText,
+    pub payload_pruned: bool,
 }
 
 impl<Time> EventRow<Time> {
@@ -97,7 +98,12 @@ impl<Time> EventRow<Time> {
             conflicting_terminal: self.conflicting_terminal,
             key_id: self.key_id.0,
             last_received_at: time(self.last_received_at)?,
-            payload: json_or_string(self.payload.0),
+            payload: if self.payload_pruned {
+                RawValue::NULL.to_owned()
+            } else {
+                json_or_string(self.payload.0)
+            },
+            payload_pruned: self.payload_pruned,
         })
     }
 }

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -25,14 +26,19 @@ use super::forward_only::RunState;
 use super::listing::{Listing, ListingFilter};
 use super::model::*;
 use super::plan::BatchPlan;
+use super::retention::SweepSession;
 use super::rows::{EventRow, RunRow, StoredText};
-use super::{PoolUsage, Store, StoreError, StoreOptions};
+use super::{migrations, PoolUsage, Store, StoreError, StoreOptions};
+
+mod sweep;
 
 pub struct SqliteStore {
     /// One connection: the only way anything is written.
     writer: SqlitePool,
     /// Read-only connections (`query_only`), so that no write can bypass the queue above.
     readers: SqlitePool,
+    /// What every connection is opened with; migrations open their own with a longer wait.
+    base: SqliteConnectOptions,
 }
 
 impl SqliteStore {
@@ -73,18 +79,29 @@ impl SqliteStore {
         let readers = SqlitePoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
-            .connect_lazy_with(base.pragma("query_only", "true"));
-        Ok(Self { writer, readers })
+            .connect_lazy_with(base.clone().pragma("query_only", "true"));
+        Ok(Self {
+            writer,
+            readers,
+            base,
+        })
     }
 
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("migrations/sqlite")
-            .run(&self.writer)
-            .await
-            .map_err(|error| match error {
-                sqlx::migrate::MigrateError::Execute(inner) => StoreError::from(inner),
-                other => StoreError::Internal(format!("migration failed: {other}")),
-            })
+    /// Applies the migrations on a connection of their own, which waits up to `lock_timeout`
+    /// for the write lock another process holds (the store's own writer holds none between
+    /// transactions).
+    pub async fn migrate(&self, lock_timeout: Duration) -> Result<(), StoreError> {
+        // A pool of one connection, its own: `Migrator::run` takes a pool where a bare
+        // connection trips a compiler limitation in spawned tasks.
+        let connection = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(self.base.clone().busy_timeout(lock_timeout))
+            .await?;
+        let result = migrations::tolerating_newer(sqlx::migrate!("migrations/sqlite"))
+            .run(&connection)
+            .await;
+        connection.close().await;
+        result.map_err(|error| migrations::failed(error, lock_timeout))
     }
 
     async fn try_record(&self, plan: &BatchPlan<'_>) -> Result<Vec<DeliveryOutcome>, sqlx::Error> {
@@ -390,7 +407,7 @@ select status, received_at, duplicates, differing_duplicates,
            where runs.message_id = events.message_id
              and runs.status_rank = 2
              and runs.status <> events.status)) as conflicting_terminal,
-       key_id, last_received_at, payload
+       key_id, last_received_at, payload, payload_pruned
 from events
 where message_id = ?
 order by received_at, id";
@@ -645,6 +662,11 @@ impl Store for SqliteStore {
     /// None: every write goes through this process, whose ingest wakes its own waiters.
     async fn terminal_run_feed(&self) -> Result<Option<Box<dyn TerminalRunFeed>>, StoreError> {
         Ok(None)
+    }
+
+    /// One process writes the file: nothing to exclude, every batch goes through the writer.
+    async fn begin_sweep(&self) -> Result<Option<Box<dyn SweepSession>>, StoreError> {
+        Ok(Some(Box::new(sweep::SqliteSweep::new(self.writer.clone()))))
     }
 }
 

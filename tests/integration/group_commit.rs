@@ -16,7 +16,8 @@ use nen_relay::config::IngestSettings;
 use nen_relay::runs::waiters::Waiters;
 use nen_relay::store::{
     self, ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,
-    RunPage, RunQuery, Store, StoreError, StoredResponse, TerminalRunFeed, TriggeredRun,
+    RunPage, RunQuery, Store, StoreError, StoredResponse, SweepSession, TerminalRunFeed,
+    TriggeredRun,
 };
 use reqwest::StatusCode;
 use tokio::sync::{oneshot, Semaphore};
@@ -140,6 +141,9 @@ impl Store for GatedStore {
     }
     async fn terminal_run_feed(&self) -> Result<Option<Box<dyn TerminalRunFeed>>, StoreError> {
         self.inner().terminal_run_feed().await
+    }
+    async fn begin_sweep(&self) -> Result<Option<Box<dyn SweepSession>>, StoreError> {
+        self.inner().begin_sweep().await
     }
 }
 

@@ -15,7 +15,8 @@ use nen_relay::config::{Environment, Settings};
 use nen_relay::nen::signing;
 use nen_relay::store::{
     self, ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,
-    RunPage, RunQuery, Store, StoreError, StoredResponse, TerminalRunFeed, TriggeredRun,
+    RunPage, RunQuery, Store, StoreError, StoredResponse, SweepSession, TerminalRunFeed,
+    TriggeredRun,
 };
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
@@ -843,6 +844,9 @@ impl Store for HeldClaims {
     }
     async fn terminal_run_feed(&self) -> Result<Option<Box<dyn TerminalRunFeed>>, StoreError> {
         self.inner.terminal_run_feed().await
+    }
+    async fn begin_sweep(&self) -> Result<Option<Box<dyn SweepSession>>, StoreError> {
+        self.inner.begin_sweep().await
     }
 }
 

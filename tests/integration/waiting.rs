@@ -264,7 +264,7 @@ async fn a_thousand_waiters_hold_no_database_connection() {
         ..StoreOptions::default()
     };
     let postgres = Arc::new(PostgresStore::connect(&url, &options).await.unwrap());
-    postgres.migrate().await.unwrap();
+    postgres.migrate(Duration::from_secs(60)).await.unwrap();
     let observed = ObservedStore::new(postgres.clone());
     let app = TestApp::spawn_with_store_and(db, observed.clone(), |vars| {
         vars.insert("NEN_RELAY_QUERY__WAIT_RECHECK".into(), "1h".into());

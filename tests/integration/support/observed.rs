@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use nen_relay::store::{
     ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,
-    RunPage, RunQuery, Store, StoreError, StoredResponse, TerminalRunFeed, TriggeredRun,
+    RunPage, RunQuery, Store, StoreError, StoredResponse, SweepSession, TerminalRunFeed,
+    TriggeredRun,
 };
 use tokio::sync::Notify;
 
@@ -104,6 +105,10 @@ impl Store for ObservedStore {
 
     fn pool_usage(&self) -> Vec<nen_relay::store::PoolUsage> {
         self.inner.pool_usage()
+    }
+
+    async fn begin_sweep(&self) -> Result<Option<Box<dyn SweepSession>>, StoreError> {
+        self.inner.begin_sweep().await
     }
 
     async fn list_stuck_runs(

@@ -14,6 +14,15 @@ pub async fn rejected_bodies(db: &TestDatabase) -> Vec<Vec<u8>> {
     column(db, "select body from rejected_payloads order by id").await
 }
 
+/// How many rows `table` holds.
+pub async fn count(db: &TestDatabase, table: &str) -> i64 {
+    column::<i64>(db, &format!("select count(*) from {table}"))
+        .await
+        .into_iter()
+        .next()
+        .unwrap_or_default()
+}
+
 async fn column<T>(db: &TestDatabase, sql: &str) -> Vec<T>
 where
     T: Send + Unpin,
