@@ -202,6 +202,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz).with_state(readiness))
         .route("/metrics", get(ops::metrics).with_state(scrape))
+        .route("/openapi.json", get(crate::http::openapi::serve))
         .nest("/v1", v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -13,18 +13,24 @@ pub const DEFAULT_LIMIT: u32 = 50;
 pub const MAX_LIMIT: u32 = 500;
 
 /// A listing as asked for; unknown parameters are refused. An empty value means "not given".
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListRequest {
+    /// Only runs of this workflow.
     pub workflow_id: Option<String>,
+    /// Only runs in this status.
     pub status: Option<String>,
-    /// Read as text, so that a bad value gets this service's own message.
+    /// Page size.
+    // Read as text, so that a bad value gets this service's own message.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 500, default = 50)]
     pub limit: Option<String>,
+    /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
 }
 
 /// One page of runs, newest first.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RunList {
     pub runs: Vec<Run>,
     /// Present when more runs follow: pass it back as `cursor` for the next page.
@@ -32,7 +38,7 @@ pub struct RunList {
 }
 
 /// Every distinct delivery of a run, in arrival order.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EventList {
     pub events: Vec<Event>,
 }
