@@ -26,6 +26,7 @@ use crate::error::ApiError;
 #[utoipa::path(
     post,
     path = "/webhooks/nen",
+    operation_id = "receive_callback",
     tag = "callbacks",
     params(
         ("X-Hmac-Signature" = String, Header, description = "HMAC-SHA256 of the raw body with a webhook secret (see Nen's API)"),

@@ -82,6 +82,7 @@ pub struct CallbackBody {
 #[utoipa::path(
     get,
     path = "/openapi.json",
+    operation_id = "openapi",
     tag = "operations",
     responses((status = 200, description = "The OpenAPI 3.1 document of this service", content_type = "application/json", body = Object))
 )]
