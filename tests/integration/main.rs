@@ -6,6 +6,7 @@ mod callbacks;
 mod command_line;
 mod group_commit;
 mod hostile;
+mod openapi;
 mod operations;
 mod query;
 mod store_behaviour;
