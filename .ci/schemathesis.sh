@@ -57,7 +57,7 @@ check_store() {
   base="http://127.0.0.1:${port}"
   NEN_RELAY_ENV=local NEN_RELAY_BIND="127.0.0.1:${port}" DATABASE_URL="$database_url" \
     NEN_WEBHOOK_SECRETS="$secret" NEN_RELAY_API_TOKENS="$token" \
-    NEN_API_BASE_URL="http://127.0.0.1:${nen_port}" NEN_API_KEY="ci-nen-key-$RANDOM$RANDOM" \
+    NEN_API_BASE_URL="http://127.0.0.1:${nen_port}" NEN_API_KEY="ci-nen-key-$RANDOM$RANDOM" NEN_RELAY_PUBLIC_URL="$base" \
     NO_COLOR=1 RUST_LOG=warn "$bin" serve >"$work/$store.log" 2>&1 &
   server=$!
   for _ in $(seq 100); do

@@ -30,7 +30,8 @@ const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-repl
     tag = "runs",
     security(("bearer" = [])),
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe: the same key and body get the first answer"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]+$", min_length = 1, max_length = 255,
+            description = "Makes a retry safe: the same key and body get the first answer. 1-255 visible ASCII characters"),
     ),
     request_body(content = crate::runs::start::StartRequest, content_type = "application/json"),
     responses(

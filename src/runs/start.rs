@@ -68,7 +68,7 @@ pub struct StartRequest {
     #[schema(value_type = Option<Object>)]
     pub secure_workflow_params: Option<SecureParams>,
     /// The caller's own callback URL; without it, [`StartPolicy::default_callback`] is used.
-    #[schema(value_type = Option<String>, format = Uri)]
+    #[schema(value_type = Option<String>, format = Uri, pattern = "^https?://")]
     pub webhook_callback: Option<Url>,
 }
 
