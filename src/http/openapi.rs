@@ -227,4 +227,35 @@ mod tests {
             assert!(paths.contains(&path), "{path} is missing from {paths:?}");
         }
     }
+
+    /// What [`SharedAnswers`] adds is there: the bearer routes are exactly `/v1/*` and answer
+    /// 401 with `WWW-Authenticate`; every answer carries `x-request-id`; every route may shed
+    /// load with 503.
+    #[test]
+    fn shared_answers_are_on_every_route() {
+        let document: serde_json::Value =
+            serde_json::from_str(&document_json()).expect("the document is JSON");
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                let responses = operation["responses"].as_object().unwrap();
+                let bearer = operation["security"][0].get(BEARER).is_some();
+                assert_eq!(bearer, path.starts_with("/v1/"), "{method} {path}");
+                if bearer {
+                    assert!(
+                        responses["401"]["headers"]
+                            .get("WWW-Authenticate")
+                            .is_some(),
+                        "{method} {path}"
+                    );
+                }
+                assert!(responses["503"]["headers"].get("Retry-After").is_some());
+                for (status, response) in responses {
+                    assert!(
+                        response["headers"].get("x-request-id").is_some(),
+                        "{method} {path} {status}"
+                    );
+                }
+            }
+        }
+    }
 }
