@@ -8,10 +8,12 @@
 # Nen is a closed local port: a valid POST /v1/runs then gets its documented 502
 # `nen_unavailable`, and nothing is ever sent to the callback URLs Schemathesis makes up. That one
 # operation runs without the not_a_server_error check (its 502 is the answer expected here); every
-# conformance check still applies to it. Bounded: --max-examples and --max-time per run.
+# conformance check still applies to it. Callbacks are signed by .ci/schemathesis_hooks.py, so
+# that POST /webhooks/nen is tested past its signature check. Bounded: --max-examples and
+# --max-time per run.
 set -euo pipefail
 bin="$(realpath "$1")"
-cd "$(dirname "$0")/.."
+hooks="$(realpath "$(dirname "$0")")"
 
 # 4.x: the CLI below (run <schema-url>, -H, --checks, --max-time) is that major version's.
 python3 -m pip install --quiet --disable-pip-version-check 'schemathesis>=4,<5'
@@ -75,8 +77,11 @@ check_store() {
     --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance
     --max-examples 60 --seed 1 --workers 1 --request-timeout 10 --suppress-health-check all
   )
-  echo "== schemathesis ($store): every operation but POST /v1/runs"
-  schemathesis run "${common[@]}" --max-time 60 --exclude-operation-id-regex '^start_run$'
+  # Run from the temporary folder: Schemathesis keeps its cache in the current one.
+  cd "$work"
+  echo "== schemathesis ($store): every operation but POST /v1/runs (callbacks signed)"
+  NEN_RELAY_CI_WEBHOOK_SECRET="$secret" PYTHONPATH="$hooks" SCHEMATHESIS_HOOKS=schemathesis_hooks \
+    schemathesis run "${common[@]}" --max-time 60 --exclude-operation-id-regex '^start_run$'
   echo "== schemathesis ($store): POST /v1/runs (Nen unreachable: 502 is expected)"
   schemathesis run "${common[@]}" --max-time 30 --include-operation-id start_run \
     --exclude-checks not_a_server_error
@@ -87,6 +92,7 @@ check_store() {
     exit 1
   fi
   kill "$server"; wait "$server" 2>/dev/null || true; server=""
+  cd - >/dev/null
 }
 
 database="nen_relay_schemathesis_$RANDOM$RANDOM"

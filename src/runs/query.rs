@@ -55,6 +55,11 @@ pub enum QueryError {
 }
 
 pub async fn get_run(store: &dyn Store, message_id: &str) -> Result<Run, QueryError> {
+    if message_id.contains('\0') {
+        // No stored id has one (callbacks with one are refused), and PostgreSQL refuses it
+        // as a parameter: not found, rather than a 500.
+        return Err(QueryError::RunNotFound(message_id.to_owned()));
+    }
     store
         .get_run(message_id)
         .await?
@@ -63,8 +68,8 @@ pub async fn get_run(store: &dyn Store, message_id: &str) -> Result<Run, QueryEr
 
 pub async fn list_runs(store: &dyn Store, request: ListRequest) -> Result<RunList, QueryError> {
     let query = RunQuery {
-        workflow_id: request.workflow_id.filter(|value| !value.is_empty()),
-        status: request.status.filter(|value| !value.is_empty()),
+        workflow_id: filter("workflow_id", request.workflow_id)?,
+        status: filter("status", request.status)?,
         limit: parse_limit(request.limit.as_deref())?,
         after: parse_cursor(request.cursor.as_deref())?,
     };
@@ -77,11 +82,25 @@ pub async fn list_runs(store: &dyn Store, request: ListRequest) -> Result<RunLis
 
 /// A run's events; an unknown run is not found, a known run may have none yet.
 pub async fn list_events(store: &dyn Store, message_id: &str) -> Result<EventList, QueryError> {
+    if message_id.contains('\0') {
+        return Err(QueryError::RunNotFound(message_id.to_owned()));
+    }
     let events = store.list_events(message_id).await?;
     if events.is_empty() && store.get_run(message_id).await?.is_none() {
         return Err(QueryError::RunNotFound(message_id.to_owned()));
     }
     Ok(EventList { events })
+}
+
+/// A filter as given; empty means not given. A NUL character is refused: no stored value has
+/// one, and PostgreSQL refuses it as a parameter (it was a 500).
+fn filter(name: &str, value: Option<String>) -> Result<Option<String>, QueryError> {
+    match value {
+        Some(value) if value.contains('\0') => Err(QueryError::InvalidRequest(format!(
+            "{name} must not contain NUL characters"
+        ))),
+        value => Ok(value.filter(|value| !value.is_empty())),
+    }
 }
 
 fn parse_limit(text: Option<&str>) -> Result<u32, QueryError> {

@@ -5,6 +5,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
 use crate::on_both_backends;
+use crate::support::app::error_code;
 use crate::support::{TestApp, TestDatabase};
 
 const COMMITTED: &str = include_str!("../../docs/openapi.json");
@@ -56,7 +57,24 @@ async fn every_documented_operation_is_routed(db: TestDatabase) {
     assert!(checked >= 9, "only {checked} operations documented");
 }
 
+/// Found by Schemathesis (.ci/schemathesis.sh): a NUL character in a run lookup was a 500 on
+/// PostgreSQL, which refuses it as a parameter. No stored id or status has one.
+async fn nul_characters_in_run_lookups_are_client_errors(db: TestDatabase) {
+    let app = TestApp::spawn(db).await;
+    for path in ["/v1/runs/a%00b", "/v1/runs/a%00b/events"] {
+        let response = app.get(path).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(error_code(response).await, "not_found", "{path}");
+    }
+    for path in ["/v1/runs?status=a%00b", "/v1/runs?workflow_id=%00"] {
+        let response = app.get(path).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
+        assert_eq!(error_code(response).await, "invalid_request", "{path}");
+    }
+}
+
 on_both_backends!(
     the_document_is_served_without_a_token_and_is_the_committed_copy,
     every_documented_operation_is_routed,
+    nul_characters_in_run_lookups_are_client_errors,
 );
