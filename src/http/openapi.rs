@@ -65,9 +65,11 @@ pub fn document_json() -> String {
 #[derive(utoipa::ToSchema)]
 #[allow(dead_code)]
 pub struct CallbackBody {
-    /// Nen's id of the run (1-200 characters).
+    /// Nen's id of the run.
+    #[schema(min_length = 1, max_length = 200, pattern = "^[^\\u0000]+$")]
     message_id: String,
-    /// The run's status, e.g. `processing`, `success`, `failed` (1-64 characters).
+    /// The run's status, e.g. `processing`, `success`, `failed`.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[^\\u0000]+$")]
     status: String,
     workflow_id: Option<String>,
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -208,6 +210,16 @@ mod tests {
             committed == current,
             "docs/openapi.json is not the document the code serves; refresh it with:\n    {REFRESH}"
         );
+    }
+
+    /// The callback's documented lengths are the ones `callbacks::payload` enforces.
+    #[test]
+    fn callback_lengths_are_the_enforced_ones() {
+        use crate::callbacks::payload::{MAX_MESSAGE_ID_LEN, MAX_STATUS_LEN};
+        let document: serde_json::Value = serde_json::from_str(&document_json()).unwrap();
+        let fields = &document["components"]["schemas"]["CallbackBody"]["properties"];
+        assert_eq!(fields["message_id"]["maxLength"], MAX_MESSAGE_ID_LEN);
+        assert_eq!(fields["status"]["maxLength"], MAX_STATUS_LEN);
     }
 
     #[test]
