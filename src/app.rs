@@ -234,6 +234,7 @@ pub fn public_router(state: AppState, endpoints: OpsEndpoints, with_metrics: boo
         ));
     let api = Router::new()
         .route("/webhooks/nen", post(callbacks::receive))
+        .route("/openapi.json", get(crate::http::openapi::serve))
         .nest("/v1", v1)
         .with_state(state);
     with_middleware(

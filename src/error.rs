@@ -57,14 +57,22 @@ pub enum ApiError {
     Internal(String),
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-    message: String,
+/// Every error answer's body. `nen_status` and `nen_error` come only with `nen_rejected`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody<'a> {
+    /// The snake_case code, e.g. `not_found`, `invalid_request`, `nen_rejected`.
+    #[schema(example = "not_found")]
+    pub error: &'a str,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// `nen_rejected` only: the status Nen answered, which is also this answer's status.
     #[serde(skip_serializing_if = "Option::is_none")]
-    nen_status: Option<u16>,
+    pub nen_status: Option<u16>,
+    /// `nen_rejected` only: Nen's own body (withheld whole if it echoed a secure value).
     #[serde(skip_serializing_if = "Option::is_none")]
-    nen_error: Option<&'a Value>,
+    #[schema(value_type = Option<serde_json::Value>)]
+    pub nen_error: Option<&'a Value>,
 }
 
 impl ApiError {

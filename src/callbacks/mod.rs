@@ -51,7 +51,7 @@ pub enum BodyError {
 }
 
 /// The acknowledgement Nen gets once the delivery is committed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Acknowledgement {
     pub received: bool,
     pub duplicate: bool,

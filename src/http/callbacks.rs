@@ -20,6 +20,30 @@ use crate::callbacks::signature::SIGNATURE_HEADER;
 use crate::callbacks::{self, BodyError, CallbackError, Receiver};
 use crate::error::{ApiError, ServerErrorDetail};
 
+/// A callback from Nen, verified by its `X-Hmac-Signature` and stored before it is acknowledged.
+///
+/// Checked in this order: size (413), signature (401), payload (400), store (503). A repeat of a
+/// stored `(message_id, status)` is acknowledged with `"duplicate": true` and stores nothing new.
+/// `Content-Type` is not checked; the body must be JSON.
+#[utoipa::path(
+    post,
+    path = "/webhooks/nen",
+    operation_id = "receive_callback",
+    tag = "callbacks",
+    params(
+        ("X-Hmac-Signature" = String, Header, description = "HMAC-SHA256 of the raw body with a webhook secret (see Nen's API)"),
+    ),
+    request_body(content = super::openapi::CallbackBody, content_type = "application/json", description = "Nen's callback, as Nen signed it"),
+    responses(
+        (status = 200, description = "Stored (or already stored): Nen may stop retrying", body = crate::callbacks::Acknowledgement),
+        (status = 400, description = "Signed, but not a JSON object with string `message_id` and `status`: `invalid_payload`; the body is kept for inspection", body = crate::error::ErrorBody),
+        (status = 401, description = "Signature missing, malformed or matching no secret: `invalid_signature`; nothing is stored", body = crate::error::ErrorBody),
+        (status = 408, description = "The body did not arrive in time: `request_timeout`", body = crate::error::ErrorBody),
+        (status = 413, description = "The body is larger than the limit: `payload_too_large`", body = crate::error::ErrorBody),
+        (status = 503, description = "The store cannot take it now (or too many bodies are held): `unavailable`; Nen retries", body = crate::error::ErrorBody,
+            headers(("Retry-After" = String, description = "Seconds to wait before retrying"))),
+    )
+)]
 pub async fn receive(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let limits = &state.settings.webhook;
     let declared = declared_length(&headers);

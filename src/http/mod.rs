@@ -4,6 +4,7 @@ pub mod auth;
 pub mod callbacks;
 pub mod extract;
 pub mod middleware;
+pub mod openapi;
 pub mod ops;
 pub mod readiness;
 pub mod runs;

@@ -26,6 +26,33 @@ use crate::store::Run;
 
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
+/// Starts a run on Nen. With an `Idempotency-Key`, a repeat of the same request returns the
+/// first answer (marked `Idempotent-Replayed: true`) without calling Nen again.
+#[utoipa::path(
+    post,
+    path = "/v1/runs",
+    tag = "runs",
+    security(("bearer" = [])),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]+$", min_length = 1, max_length = 255,
+            description = "Makes a retry safe: the same key and body get the first answer. 1-255 visible ASCII characters"),
+    ),
+    request_body(content = crate::runs::start::StartRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Nen accepted the run", body = crate::runs::start::Submitted,
+            headers(
+                ("Location" = String, description = "`/v1/runs/<message_id>`"),
+                ("Idempotent-Replayed" = String, description = "`true` when this is the stored answer to an earlier request with the same key"),
+            )),
+        (status = 400, description = "Malformed body (the message names the field): `invalid_request`", body = crate::error::ErrorBody),
+        (status = 409, description = "The key was used with a different body (`idempotency_conflict`), or its first request is still in progress (`idempotency_in_progress`)", body = crate::error::ErrorBody),
+        (status = "4XX", description = "Nen refused the request, with Nen's status: `nen_rejected`, with `nen_status` and `nen_error`", body = crate::error::ErrorBody),
+        (status = 502, description = "Nen could not be reached or failed; the run may not have started: `nen_unavailable`", body = crate::error::ErrorBody),
+        (status = 503, description = "`NEN_API_KEY` (or, for secure parameters, `NEN_SIGNING_KEY`) is not set (`not_configured`), or the store cannot take the request (`unavailable`)", body = crate::error::ErrorBody,
+            headers(("Retry-After" = String, description = "Seconds to wait before retrying"))),
+        (status = 504, description = "Nen did not answer in time; the run may have started: `nen_timeout`", body = crate::error::ErrorBody),
+    )
+)]
 pub async fn start_run(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -48,13 +75,28 @@ pub async fn start_run(
 }
 
 /// `GET /v1/runs/{message_id}`'s query. Other parameters are ignored, as they always were.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct GetRunRequest {
-    /// Seconds to hold the request until the run is terminal. Read as text, so that a bad
-    /// value gets this service's own message.
+    /// Seconds (1 to 60) to hold the request until the run is terminal. Read as text, so that
+    /// a bad value gets this service's own message.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 60)]
     pub wait: Option<String>,
 }
 
+/// One run; with `?wait=N`, held until it is terminal or N seconds pass.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{message_id}",
+    tag = "runs",
+    security(("bearer" = [])),
+    params(("message_id" = String, Path, description = "Nen's id of the run"), GetRunRequest),
+    responses(
+        (status = 200, description = "The run", body = Run),
+        (status = 400, description = "`wait` is not a whole number from 1 to 60: `invalid_request`", body = crate::error::ErrorBody),
+        (status = 404, description = "No such run (still unknown when the wait ended): `not_found`", body = crate::error::ErrorBody),
+    )
+)]
 pub async fn get_run(
     State(state): State<AppState>,
     Path(message_id): Path<String>,
@@ -78,6 +120,18 @@ pub async fn get_run(
     Ok(Json(run))
 }
 
+/// Runs, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/runs",
+    tag = "runs",
+    security(("bearer" = [])),
+    params(ListRequest),
+    responses(
+        (status = 200, description = "A page of runs; `next_cursor` is null on the last", body = RunList),
+        (status = 400, description = "A malformed or unknown parameter: `invalid_request`", body = crate::error::ErrorBody),
+    )
+)]
 pub async fn list_runs(
     State(state): State<AppState>,
     AppQuery(request): AppQuery<ListRequest>,
@@ -89,6 +143,18 @@ pub async fn list_runs(
         .map_err(ApiError::from)
 }
 
+/// Every distinct delivery of a run, in arrival order.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{message_id}/events",
+    tag = "runs",
+    security(("bearer" = [])),
+    params(("message_id" = String, Path, description = "Nen's id of the run")),
+    responses(
+        (status = 200, description = "The run's events", body = EventList),
+        (status = 404, description = "No such run: `not_found`", body = crate::error::ErrorBody),
+    )
+)]
 pub async fn list_events(
     State(state): State<AppState>,
     Path(message_id): Path<String>,

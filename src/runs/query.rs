@@ -15,21 +15,28 @@ pub const DEFAULT_LIMIT: u32 = 50;
 pub const MAX_LIMIT: u32 = 500;
 
 /// A listing as asked for; unknown parameters are refused. An empty value means "not given".
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListRequest {
+    /// Only runs of this workflow.
     pub workflow_id: Option<String>,
+    /// Only runs in this status.
     pub status: Option<String>,
-    /// Read as text, so that a bad value gets this service's own message.
+    /// Page size.
+    // Read as text, so that a bad value gets this service's own message.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 500, default = 50)]
     pub limit: Option<String>,
+    /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
-    /// `true`: only stuck runs. Read as text, so that a bad value gets this service's own
-    /// message.
+    /// `true`: only stuck runs (any other value is refused). Read as text, so that a bad value
+    /// gets this service's own message.
+    #[param(value_type = Option<String>, pattern = "^true$")]
     pub stuck: Option<String>,
 }
 
 /// One page of runs, newest first.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RunList {
     pub runs: Vec<Run>,
     /// Present when more runs follow: pass it back as `cursor` for the next page.
@@ -37,7 +44,7 @@ pub struct RunList {
 }
 
 /// Every distinct delivery of a run, in arrival order.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EventList {
     pub events: Vec<Event>,
 }
@@ -61,6 +68,11 @@ pub async fn get_run(
     stuck: &StuckRule,
     message_id: &str,
 ) -> Result<Run, QueryError> {
+    if message_id.contains('\0') {
+        // No stored id has one (callbacks with one are refused), and PostgreSQL refuses it
+        // as a parameter: not found, rather than a 500.
+        return Err(QueryError::RunNotFound(message_id.to_owned()));
+    }
     store
         .get_run(message_id)
         .await?
@@ -75,8 +87,8 @@ pub async fn list_runs(
 ) -> Result<RunList, QueryError> {
     let only_stuck = parse_stuck(request.stuck.as_deref())?;
     let query = RunQuery {
-        workflow_id: request.workflow_id.filter(|value| !value.is_empty()),
-        status: request.status.filter(|value| !value.is_empty()),
+        workflow_id: filter("workflow_id", request.workflow_id)?,
+        status: filter("status", request.status)?,
         limit: parse_limit(request.limit.as_deref())?,
         after: parse_cursor(request.cursor.as_deref())?,
     };
@@ -100,11 +112,25 @@ pub async fn list_runs(
 
 /// A run's events; an unknown run is not found, a known run may have none yet.
 pub async fn list_events(store: &dyn Store, message_id: &str) -> Result<EventList, QueryError> {
+    if message_id.contains('\0') {
+        return Err(QueryError::RunNotFound(message_id.to_owned()));
+    }
     let events = store.list_events(message_id).await?;
     if events.is_empty() && store.get_run(message_id).await?.is_none() {
         return Err(QueryError::RunNotFound(message_id.to_owned()));
     }
     Ok(EventList { events })
+}
+
+/// A filter as given; empty means not given. A NUL character is refused: no stored value has
+/// one, and PostgreSQL refuses it as a parameter (it was a 500).
+fn filter(name: &str, value: Option<String>) -> Result<Option<String>, QueryError> {
+    match value {
+        Some(value) if value.contains('\0') => Err(QueryError::InvalidRequest(format!(
+            "{name} must not contain NUL characters"
+        ))),
+        value => Ok(value.filter(|value| !value.is_empty())),
+    }
 }
 
 fn parse_limit(text: Option<&str>) -> Result<u32, QueryError> {

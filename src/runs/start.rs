@@ -54,12 +54,21 @@ pub struct StartInput {
 pub struct UnreadableBody;
 
 /// A valid request to start a run. `Debug` shows no secure value (see [`SecureParams`]).
-#[derive(Debug)]
+/// Read by [`StartRequest::parse`]; the derive only describes it in the OpenAPI document
+/// (unknown fields are refused, hence `deny_unknown_fields`).
+#[derive(Debug, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StartRequest {
+    #[schema(format = Uuid)]
     pub workflow_id: String,
+    /// The workflow's parameters; `{}` if it has none.
+    #[schema(value_type = Object)]
     pub workflow_params: Map<String, Value>,
+    /// Encrypted for Nen with `NEN_SIGNING_KEY`; never stored or logged.
+    #[schema(value_type = Option<Object>)]
     pub secure_workflow_params: Option<SecureParams>,
     /// The caller's own callback URL; without it, [`StartPolicy::default_callback`] is used.
+    #[schema(value_type = Option<String>, format = Uri, pattern = "^https?://")]
     pub webhook_callback: Option<Url>,
 }
 
@@ -77,11 +86,12 @@ pub struct StartPolicy {
 }
 
 /// The answer to a started run: what the caller gets, and what is kept for its key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Submitted {
     pub message_id: String,
     pub workflow_id: String,
     /// Always `submitted`: a run's status until its first callback.
+    #[schema(example = "submitted")]
     pub status: String,
 }
 

@@ -90,7 +90,7 @@ pub struct RejectedPayload {
 }
 
 /// A run as the query API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Run {
     pub message_id: String,
     pub workflow_id: Option<String>,
@@ -99,6 +99,7 @@ pub struct Run {
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
+    #[schema(value_type = Option<serde_json::Value>)]
     pub result: Option<Box<RawValue>>,
     pub assets_url: Option<String>,
     pub error: Option<String>,
@@ -111,6 +112,7 @@ pub struct Run {
     pub stuck: bool,
     /// Only present when storing workflow parameters is turned on.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub workflow_params: Option<Box<RawValue>>,
     /// Position in the listing order; not part of the JSON.
     #[serde(skip)]
@@ -118,7 +120,7 @@ pub struct Run {
 }
 
 /// One distinct `(message_id, status)` delivery.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Event {
     pub status: String,
     pub received_at: DateTime<Utc>,
@@ -133,6 +135,7 @@ pub struct Event {
     /// The body as received, byte for byte. A stored payload that is not JSON (not written by
     /// this service) is a JSON string holding the stored text instead: see `rows::json_or_string`.
     /// `null` once retention pruned it.
+    #[schema(value_type = serde_json::Value)]
     pub payload: Box<RawValue>,
     /// Retention removed the payload (`retention.payloads`); the event itself, its counters and
     /// its body hash remain, so redeliveries are still recognised.

@@ -8,6 +8,7 @@ mod connections;
 mod group_commit;
 mod hostile;
 mod migrations;
+mod openapi;
 mod operations;
 mod query;
 mod replicas;
