@@ -172,6 +172,7 @@ class Senders:
         self.made = 0
         self.acked = set()
         self.per_replica = collections.Counter()
+        self.ack_times = []  # (monotonic time answered, replica)
         self.duplicates = 0
         self.failures = []  # (seconds since start, pair, "status 502" | "ConnectionResetError ...")
         self.producing = threading.Event()
@@ -191,6 +192,10 @@ class Senders:
         for thread in self.threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         return all(not thread.is_alive() for thread in self.threads)
+
+    def acked_between(self, replica, start, end):
+        with self.lock:
+            return sum(1 for t, r in self.ack_times if r == replica and start <= t < end)
 
     def acked_since(self, replica):
         with self.lock:
@@ -235,6 +240,7 @@ class Senders:
                 with self.lock:
                     self.acked.add(pair)
                     self.per_replica[replica] += 1
+                    self.ack_times.append((time.monotonic(), replica))
                     if b'"duplicate":true' in answer:
                         self.duplicates += 1
                 pair = self._next()
@@ -334,6 +340,8 @@ def main():
                     if code != 0:
                         problems.append(f"round {round_no}: replica {name} exited with {code}, not 0")
                     exited = time.monotonic() - t_term
+                    # Acknowledged by this replica after its SIGTERM: what the delay saved.
+                    handed_off = senders.acked_between(name, t_term, t_term + exited)
                     r.start()  # returns once its own /readyz is 200
                     t_start = time.monotonic()
                     to_up = balancer.wait_status(name, lambda s: s == "UP", 15)
@@ -348,10 +356,10 @@ def main():
                     served = senders.acked_since(name) > before
                     if not served:
                         problems.append(f"round {round_no}: {name} served nothing after its restart")
-                    restarts.append((name, to_down, code, exited, time.monotonic() - t_start))
+                    restarts.append((name, to_down, code, exited, handed_off))
                     print(f"rolling_restart: round {round_no} replica {name}: down in HAProxy "
                           f"{to_down if to_down is None else round(to_down, 2)}s after SIGTERM, "
-                          f"exit {code} after {exited:.2f}s, up in HAProxy {to_up:.2f}s after "
+                          f"exit {code} after {exited:.2f}s, {handed_off} acknowledged by it after SIGTERM, up in HAProxy {to_up:.2f}s after "
                           f"its start, serving again: {served}")
                     time.sleep(1)  # both replicas under load again
 
