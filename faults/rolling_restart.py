@@ -5,6 +5,9 @@ PASS when, over the whole run:
 - every callback sent through the balancer is answered 200 on its first try: no other status,
   no refused, reset or timed-out connection (a real sender would re-send those, but the
   hand-off is meant to make re-sending unnecessary);
+- HAProxy counts no connection error, response error, retry or redispatch on either replica
+  (its `retries`/`redispatch` would hide a refused connection from the sender: not counted as
+  a pass here);
 - every replica exits 0 on SIGTERM, and HAProxy marks it down (from its 503 `/readyz`) before
   it stops accepting;
 - every acknowledged (message_id, status) is stored exactly once, and nothing else is stored;
@@ -256,16 +259,6 @@ class Senders:
             conn.close()
 
 
-def terminate(replica, within):
-    """SIGTERM; the exit status, or None if it did not exit within `within` s (then SIGKILL)."""
-    replica.proc.send_signal(signal.SIGTERM)
-    try:
-        return replica.proc.wait(timeout=within)
-    except subprocess.TimeoutExpired:
-        replica.kill()
-        return None
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0,
@@ -283,7 +276,8 @@ def main():
     # replica must keep serving at least that long after SIGTERM, with a margin.
     needed = (INTER_MS * (FALL + 1) + CHECK_TIMEOUT_MS) / 1000
     if args.shutdown_delay < needed and not args.allow_short_delay:
-        parser.error(f"--shutdown-delay must be at least {needed}s (HAProxy's inter x (fall+1) + check timeout)")
+        parser.error(f"--shutdown-delay must be at least {needed}s "
+                     "(HAProxy's inter x (fall + 1) + check timeout)")
     if shutil.which("haproxy") is None and not os.path.exists("/usr/sbin/haproxy"):
         print("rolling_restart: haproxy not found (apt-get install -y haproxy)")
         return 1
@@ -324,22 +318,32 @@ def main():
                 for name, r in replicas.items():
                     t_term = time.monotonic()
                     r.proc.send_signal(signal.SIGTERM)
-                    to_down = balancer.wait_status(name, lambda s: s.startswith("DOWN"),
-                                                   args.shutdown_delay + 5)
-                    if to_down is None:
-                        problems.append(f"round {round_no}: HAProxy never marked {name} down")
-                    elif to_down >= args.shutdown_delay:
-                        problems.append(f"round {round_no}: HAProxy marked {name} down {to_down:.2f}s "
-                                        f"after SIGTERM, after its listener closed")
-                    try:
-                        code = r.proc.wait(timeout=args.shutdown_delay + shutdown_timeout + 5
-                                           - (time.monotonic() - t_term))
-                    except subprocess.TimeoutExpired:
+                    # Watch both: when HAProxy marks it down, and when the process exits.
+                    to_down = exited = None
+                    limit = args.shutdown_delay + shutdown_timeout + 5
+                    while (to_down is None or exited is None) and time.monotonic() - t_term < limit:
+                        now = time.monotonic() - t_term
+                        if exited is None and r.proc.poll() is not None:
+                            exited = now
+                        if to_down is None:
+                            try:
+                                if balancer.server_status(name).startswith("DOWN"):
+                                    to_down = now
+                            except (OSError, KeyError, IndexError):
+                                pass
+                        time.sleep(0.01)
+                    if exited is None:
                         r.kill()
-                        code = None
+                        code, exited = None, time.monotonic() - t_term
+                    else:
+                        code = r.proc.returncode
                     if code != 0:
                         problems.append(f"round {round_no}: replica {name} exited with {code}, not 0")
-                    exited = time.monotonic() - t_term
+                    if to_down is None:
+                        problems.append(f"round {round_no}: HAProxy never marked {name} down")
+                    elif to_down >= min(args.shutdown_delay, exited):
+                        problems.append(f"round {round_no}: HAProxy marked {name} down {to_down:.2f}s "
+                                        f"after SIGTERM, after its listener closed")
                     # Acknowledged by this replica after its SIGTERM: what the delay saved.
                     handed_off = senders.acked_between(name, t_term, t_term + exited)
                     r.start()  # returns once its own /readyz is 200
@@ -359,8 +363,9 @@ def main():
                     restarts.append((name, to_down, code, exited, handed_off))
                     print(f"rolling_restart: round {round_no} replica {name}: down in HAProxy "
                           f"{to_down if to_down is None else round(to_down, 2)}s after SIGTERM, "
-                          f"exit {code} after {exited:.2f}s, {handed_off} acknowledged by it after SIGTERM, up in HAProxy {to_up:.2f}s after "
-                          f"its start, serving again: {served}")
+                          f"exit {code} after {exited:.2f}s, {handed_off} acknowledged by it "
+                          f"after SIGTERM, up in HAProxy {to_up:.2f}s after its start, "
+                          f"serving again: {served}")
                     time.sleep(1)  # both replicas under load again
 
             remaining = args.seconds - (time.monotonic() - started)
@@ -386,6 +391,14 @@ def main():
             problems += [f"  at {t:.2f}s {pair}: {what}" for t, pair, what in failures[:20]]
         if missing:
             problems.append(f"{missing} deliveries never acknowledged")
+        # The balancer must have had nothing to hide either: a replica that refused or cut a
+        # connection shows here even when HAProxy's retry made it invisible to the sender.
+        for name in replicas:
+            row = stats[("replicas", name)]
+            hidden = {k: row[k] for k in ("econ", "eresp", "wretr", "wredis") if row[k] not in ("", "0")}
+            if hidden:
+                problems.append(f"HAProxy met errors on replica {name}: {hidden} (econ connection "
+                                "errors, eresp response errors, wretr retries, wredis redispatches)")
         problems += relay.check_stored_once(db, senders.acked)
         stored = sum(relay.stored_events(db).values())
 
