@@ -37,6 +37,8 @@ if [ "${FAULTS_SKIP_FUZZ:-0}" != 1 ]; then
     check fuzz bash faults/fuzz.sh "${FAULTS_FUZZ_SECONDS:-30}"
 fi
 check supply_chain bash -c 'command -v cargo-deny >/dev/null || cargo install cargo-deny --locked; cargo deny --offline --log-level error check bans licenses sources'
+# Two replicas behind HAProxy, each restarted twice under load (faults/rolling_restart.py).
+check rolling_restart bash -c 'command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || { apt-get update -qq && apt-get install -y -qq haproxy; }; python3 faults/rolling_restart.py --seconds 25 --rounds 2'
 check db_outage python3 faults/db_outage.py --outage-seconds 3
 
 echo "faults: $passed passed, $failed failed"
