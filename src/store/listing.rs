@@ -7,6 +7,7 @@
 //! then [`Listing::before_seq`] and [`Listing::fetch`].
 
 use super::model::{Run, RunCursor, RunPage, RunQuery};
+use super::StoreError;
 
 /// The filters a listing query sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +61,16 @@ impl<'q> Listing<'q> {
             None
         };
         RunPage { runs, next }
+    }
+
+    /// The page from rows as a backend fetched them, each read into a run by `read`.
+    pub fn page_of<Row>(
+        &self,
+        rows: Vec<Row>,
+        read: impl FnMut(Row) -> Result<Run, StoreError>,
+    ) -> Result<RunPage, StoreError> {
+        let runs = rows.into_iter().map(read).collect::<Result<Vec<_>, _>>()?;
+        Ok(self.page(runs))
     }
 }
 

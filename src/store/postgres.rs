@@ -560,11 +560,7 @@ impl Store for PostgresStore {
             .bind(listing.fetch)
             .fetch_all(&self.pool)
             .await?;
-        let runs = rows
-            .into_iter()
-            .map(|row| row.into_run(Ok))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(listing.page(runs))
+        listing.page_of(rows, |row| row.into_run(Ok))
     }
 
     async fn list_events(&self, message_id: &str) -> Result<Vec<Event>, StoreError> {
@@ -681,11 +677,7 @@ impl Store for PostgresStore {
             .bind(listing.fetch)
             .fetch_all(&self.pool)
             .await?;
-        let runs = rows
-            .into_iter()
-            .map(|row| row.into_run(Ok))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(listing.page(runs))
+        listing.page_of(rows, |row| row.into_run(Ok))
     }
 
     async fn count_stuck_runs(

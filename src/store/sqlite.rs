@@ -515,11 +515,7 @@ impl Store for SqliteStore {
             .bind(listing.fetch)
             .fetch_all(&self.readers)
             .await?;
-        let runs = rows
-            .into_iter()
-            .map(run_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(listing.page(runs))
+        listing.page_of(rows, run_from_row)
     }
 
     async fn list_events(&self, message_id: &str) -> Result<Vec<Event>, StoreError> {
@@ -639,11 +635,7 @@ impl Store for SqliteStore {
             .bind(listing.fetch)
             .fetch_all(&self.readers)
             .await?;
-        let runs = rows
-            .into_iter()
-            .map(run_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(listing.page(runs))
+        listing.page_of(rows, run_from_row)
     }
 
     async fn count_stuck_runs(

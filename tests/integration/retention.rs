@@ -7,45 +7,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chrono::{DateTime, TimeZone, Utc};
-use nen_relay::callbacks::payload::parse_callback;
 use nen_relay::retention::{RetentionPolicy, SweepReport, Sweeper};
-use nen_relay::store::{
-    self, Delivery, DeliveryOutcome, IdempotencyClaim, RejectedPayload, Store, StoreOptions,
-};
-use secrecy::SecretString;
+use nen_relay::store::{DeliveryOutcome, IdempotencyClaim, RejectedPayload, Store};
 use serde_json::{json, Value};
 
 use crate::on_both_backends;
 use crate::support::app::callback;
 use crate::support::metrics::sample;
+use crate::support::store_fixtures::{at, delivery, open};
 use crate::support::stored::{count, rejected_bodies};
 use crate::support::{Backend, TestApp, TestDatabase};
 
 const DAY: i64 = 86_400_000;
-
-async fn open(db: &TestDatabase) -> Arc<dyn Store> {
-    store::connect(
-        &SecretString::from(db.url.clone()),
-        &StoreOptions::default(),
-        true,
-    )
-    .await
-    .expect("the store opens and migrates")
-}
-
-/// A fixed instant plus `millis`.
-fn at(millis: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(1_760_000_000_000 + millis)
-        .single()
-        .expect("a valid instant")
-}
-
-fn delivery(body: &str, millis: i64) -> Delivery {
-    let raw = Bytes::from(body.to_owned());
-    let parsed = parse_callback(&raw).expect("a valid callback body");
-    Delivery::verified(raw, parsed, "key-1", at(millis))
-}
 
 fn days(n: u64) -> Option<Duration> {
     Some(Duration::from_secs(n * 86_400))

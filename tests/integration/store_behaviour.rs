@@ -6,13 +6,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use chrono::{DateTime, Duration, TimeZone, Utc};
-use nen_relay::callbacks::payload::parse_callback;
+use chrono::{Duration, TimeZone, Utc};
 use nen_relay::store::{
-    self, ClaimOutcome, Delivery, DeliveryOutcome, IdempotencyClaim, RejectedPayload, Run,
-    RunCursor, RunPage, RunQuery, Store, StoreOptions, StoredResponse, TriggeredRun,
+    ClaimOutcome, Delivery, DeliveryOutcome, IdempotencyClaim, RejectedPayload, Run, RunCursor,
+    RunPage, RunQuery, Store, StoredResponse, TriggeredRun,
 };
-use secrecy::SecretString;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sqlx::Connection;
@@ -20,31 +18,8 @@ use tokio::sync::Barrier;
 
 use crate::on_both_backends;
 use crate::support::app::callback;
+use crate::support::store_fixtures::{at, delivery, open};
 use crate::support::{Backend, TestDatabase};
-
-async fn open(db: &TestDatabase) -> Arc<dyn Store> {
-    store::connect(
-        &SecretString::from(db.url.clone()),
-        &StoreOptions::default(),
-        true,
-    )
-    .await
-    .expect("the store opens and migrates")
-}
-
-/// A fixed instant plus `millis`; whole milliseconds survive every backend's precision.
-fn at(millis: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(1_760_000_000_000 + millis)
-        .single()
-        .expect("a valid instant")
-}
-
-/// A verified delivery of `body`, received at `at(millis)`, built the way the webhook does.
-fn delivery(body: &str, millis: i64) -> Delivery {
-    let raw = Bytes::from(body.to_owned());
-    let parsed = parse_callback(&raw).expect("a valid callback body");
-    Delivery::verified(raw, parsed, "key-1", at(millis))
-}
 
 const NEW: DeliveryOutcome = DeliveryOutcome {
     duplicate: false,

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod observed;
 mod postgres;
 pub mod process;
+pub mod store_fixtures;
 pub mod stored;
 mod throwaway_cluster;
 
