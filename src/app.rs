@@ -57,7 +57,7 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let store = store::connect(
             &settings.database_url,
-            &settings.store.options(),
+            &settings.store_options(),
             settings.store.migrate_on_start,
         )
         .await

@@ -116,7 +116,7 @@ pub fn check_config() -> anyhow::Result<()> {
 pub async fn migrate() -> anyhow::Result<()> {
     let settings = Settings::load()?;
     crate::telemetry::init_tracing(settings.log_format);
-    crate::store::connect(&settings.database_url, &settings.store.options(), true)
+    crate::store::connect(&settings.database_url, &settings.store_options(), true)
         .await
         .context("migration failed")?;
     tracing::info!("migrations applied");

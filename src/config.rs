@@ -8,6 +8,7 @@
 //! Secrets are `SecretString`s from the moment they are read: their `Debug` is redacted, and
 //! code must call `expose_secret()` to use one.
 
+mod forward;
 mod layers;
 mod legacy_units;
 mod retention_period;
@@ -24,6 +25,8 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::store::StoreOptions;
+
+pub use forward::{ForwardSettings, TargetSettings};
 
 /// Which defaults apply: a developer's machine, or a deployment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -108,6 +111,7 @@ pub struct Settings {
     pub query: QuerySettings,
     pub runs: RunsSettings,
     pub retention: RetentionSettings,
+    pub forward: ForwardSettings,
     /// Secrets made up for a local start, to be shown once on the terminal.
     #[serde(skip)]
     pub generated: Vec<(&'static str, SecretString)>,
@@ -166,6 +170,7 @@ impl StoreSettings {
             acquire_timeout: self.acquire_timeout,
             statement_timeout: self.statement_timeout,
             migrate_lock_timeout: self.migrate_lock_timeout,
+            forward_targets: Vec::new(),
         }
     }
 }
@@ -262,6 +267,20 @@ pub struct RetentionSettings {
 }
 
 impl Settings {
+    /// What the store needs to open its pool, and the names of the forwarding targets, whose
+    /// messages it writes with every change of a run.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            forward_targets: self
+                .forward
+                .targets
+                .iter()
+                .map(|t| t.name.clone())
+                .collect(),
+            ..self.store.options()
+        }
+    }
+
     /// Reads the settings from `config/` (or `NEN_RELAY_CONFIG_DIR`) and the process environment.
     pub fn load() -> Result<Self, ConfigError> {
         let environment = Environment::from_env()?;
@@ -348,6 +367,7 @@ impl Settings {
                 )));
             }
         }
+        self.forward.validate(self.environment)?;
         let ingest = &self.ingest;
         if ingest.writers == 0 || ingest.max_batch == 0 || ingest.queue_capacity == 0 {
             return Err(ConfigError::Invalid(

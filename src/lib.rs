@@ -13,6 +13,8 @@ pub mod cli;
 pub mod config;
 /// `ApiError`: every error answer as `{"error", "message"}` with its status.
 pub mod error;
+/// Forwarding run changes to the team's own systems: targets, signing, delivery workers.
+pub mod forward;
 /// HTTP handlers, one file per surface.
 pub mod http;
 /// Metric names and the helpers that record them.

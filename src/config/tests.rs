@@ -1014,3 +1014,101 @@ fn an_api_key_that_cannot_be_a_header_is_refused_without_echoing_it() {
     assert!(!message.contains("key-with"), "{message}");
     assert!(local_with(&[("NEN_API_KEY", "an ordinary key")]).is_ok());
 }
+
+const FORWARD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+#[test]
+fn forward_targets_come_from_the_environment_with_their_secret_in_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("orders-secret");
+    std::fs::write(&secret_file, format!("{FORWARD_SECRET}\n")).unwrap();
+    let settings = Settings::from_sources(
+        Environment::Local,
+        &no_files(),
+        &vars(&[
+            (
+                "NEN_RELAY_FORWARD__ORDERS__URL",
+                "https://orders.test/hooks",
+            ),
+            (
+                "NEN_RELAY_FORWARD__ORDERS__SECRET_FILE",
+                secret_file.to_str().unwrap(),
+            ),
+            ("NEN_RELAY_FORWARD__PAGER__URL", "http://127.0.0.1:9/p"),
+            ("NEN_RELAY_FORWARD__PAGER__SECRET", FORWARD_SECRET),
+            ("NEN_RELAY_FORWARD__MAX_AGE", "1h"),
+        ]),
+    )
+    .unwrap();
+    let names: Vec<&str> = settings
+        .forward
+        .targets
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect();
+    assert_eq!(names, ["orders", "pager"]);
+    assert_eq!(settings.forward.targets[0].key().len(), 24);
+    assert_eq!(settings.forward.max_age, Duration::from_secs(3600));
+    assert_eq!(
+        settings.store_options().forward_targets,
+        ["orders", "pager"]
+    );
+    assert!(!format!("{settings:?}").contains("MfKQ"));
+    let none = Settings::from_sources(Environment::Local, &no_files(), &vars(&[])).unwrap();
+    assert!(none.forward.targets.is_empty());
+    assert!(none.store_options().forward_targets.is_empty());
+}
+
+#[test]
+fn a_bad_forward_target_refuses_the_start_naming_it() {
+    for (variables, named) in [
+        (
+            vec![("NEN_RELAY_FORWARD__ORDERS__URL", "https://o.test/h")],
+            "\"orders\" has no secret",
+        ),
+        (
+            vec![
+                ("NEN_RELAY_FORWARD__ORDERS__URL", "https://o.test/h"),
+                ("NEN_RELAY_FORWARD__ORDERS__SECRET", "not-whsec-0123456789"),
+            ],
+            "whsec_",
+        ),
+        (
+            vec![("NEN_RELAY_FORWARD__ORDERS__SECRET", FORWARD_SECRET)],
+            "\"orders\" has no url",
+        ),
+        (
+            vec![
+                ("NEN_RELAY_FORWARD__ORDERS__URL", "https://o.test/h"),
+                ("NEN_RELAY_FORWARD__ORDERS__SECRET", FORWARD_SECRET),
+                ("NEN_RELAY_FORWARD__ORDERS__COLOUR", "blue"),
+            ],
+            "colour",
+        ),
+    ] {
+        let error = Settings::from_sources(Environment::Local, &no_files(), &vars(&variables))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(named), "{error}");
+        assert!(
+            !error.contains("not-whsec") && !error.contains("MfKQ"),
+            "{error}"
+        );
+    }
+    let cleartext = Settings::from_sources(
+        Environment::Production,
+        &no_files(),
+        &vars(&[
+            ("NEN_WEBHOOK_SECRETS", SECRET),
+            ("NEN_RELAY_API_TOKENS", TOKEN),
+            ("NEN_RELAY_FORWARD__ORDERS__URL", "http://orders.internal/h"),
+            ("NEN_RELAY_FORWARD__ORDERS__SECRET", FORWARD_SECRET),
+        ]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        cleartext.contains("\"orders\"") && cleartext.contains("https://"),
+        "{cleartext}"
+    );
+}

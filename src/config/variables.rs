@@ -88,7 +88,7 @@ fn target(name: &str) -> Result<Option<(String, Reading)>, ConfigError> {
     let file_key = last
         .strip_suffix("_file")
         .map(|base| [segments.join("."), base.to_owned()].join("."))
-        .filter(|key| SECRET_KEYS.contains(&key.as_str()));
+        .filter(|key| SECRET_KEYS.contains(&key.as_str()) || super::forward::is_target_secret(key));
     if let Some(key) = file_key {
         return Ok(Some((key, Reading::File)));
     }

@@ -28,6 +28,7 @@ mod forward_only;
 mod listing;
 mod migrations;
 pub mod model;
+pub mod outbox;
 mod plan;
 mod pool_usage;
 pub mod postgres;
@@ -46,6 +47,9 @@ pub use feed::{FeedEvent, TerminalRunFeed};
 pub use model::{
     ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,
     RunCursor, RunPage, RunQuery, StoredResponse, TriggeredRun,
+};
+pub use outbox::{
+    AttemptOutcome, FailedMessage, FailedPage, FinishedAttempt, Lease, OutboxMessage, TargetQueue,
 };
 pub use pool_usage::PoolUsage;
 pub use retention::{PrunedPayloads, SweepSession};
@@ -168,6 +172,82 @@ pub trait Store: Send + Sync + 'static {
 
     /// Opens a retention sweep, or answers `None` while another replica sweeps this database.
     async fn begin_sweep(&self) -> Result<Option<Box<dyn SweepSession>>, StoreError>;
+
+    /// The forwarding outbox of this store.
+    fn outbox(&self) -> &dyn Outbox;
+}
+
+/// The forwarding outbox (`outbox`). Messages are written by `Store::record_deliveries`,
+/// `Store::record_triggered_run` and [`Outbox::queue_stuck_runs`], one per target in
+/// `StoreOptions::forward_targets`, in the transaction of the change.
+#[async_trait]
+pub trait Outbox: Send + Sync {
+    /// Claims up to `limit` claimable messages of `target` (see `outbox`), in id order, and
+    /// leases them: until the lease ends, no other claim returns them, on any replica.
+    async fn claim_forward_messages(
+        &self,
+        target: &str,
+        limit: u32,
+        lease: Lease,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxMessage>, StoreError>;
+
+    /// Records attempts and releases their leases. An attempt whose lease is no longer its
+    /// owner's (it ended and another claim took the message) is ignored. Answers how many were
+    /// recorded.
+    async fn finish_forward_attempts(
+        &self,
+        attempts: &[FinishedAttempt],
+    ) -> Result<u64, StoreError>;
+
+    /// When the soonest pending message of `target` can next be claimed (its `next_attempt_at`,
+    /// or the end of its lease), or `None` when nothing is pending.
+    async fn next_forward_due(&self, target: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
+
+    /// A target's queue: pending, oldest pending, failed, last error.
+    async fn forward_queue(&self, target: &str) -> Result<TargetQueue, StoreError>;
+
+    /// Failed messages of `target`, newest first, strictly before the id `before` when given.
+    async fn list_failed_forwards(
+        &self,
+        target: &str,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<FailedPage, StoreError>;
+
+    /// Queues every failed message of `target` again (attempts from zero, `queued_at = now`).
+    /// Answers how many.
+    async fn retry_failed_forwards(
+        &self,
+        target: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError>;
+
+    /// Queues again every delivered or failed message of `target` whose change was committed
+    /// at or after `since` and before `until` (no end when `None`); pending ones are left as
+    /// they are. Answers how many.
+    async fn replay_forwards(
+        &self,
+        target: &str,
+        since: DateTime<Utc>,
+        until: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError>;
+
+    /// Queues `run.stuck` for up to `limit` runs that are not terminal, last changed before
+    /// `changed_before`, and have had no stuck message queued since they last changed; the
+    /// message's run shows `"stuck": true`. Messages and marks are written in one transaction.
+    /// Answers how many runs were queued. Nothing when no target is configured.
+    async fn queue_stuck_runs(
+        &self,
+        changed_before: DateTime<Utc>,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError>;
+
+    /// Deletes up to `limit` delivered or failed messages last touched before `before`.
+    /// Answers how many.
+    async fn prune_forwarded(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError>;
 }
 
 /// Connection settings shared by both backends.
@@ -181,6 +261,9 @@ pub struct StoreOptions {
     /// How long migrations wait for a lock. They run on a connection of their own, without
     /// `statement_timeout`.
     pub migrate_lock_timeout: Duration,
+    /// The forwarding targets' names (`forward.<name>`). Every change of a run writes one
+    /// outbox message per target in the transaction that commits it; none when empty.
+    pub forward_targets: Vec<String>,
 }
 
 impl Default for StoreOptions {
@@ -191,6 +274,7 @@ impl Default for StoreOptions {
             acquire_timeout: Duration::from_millis(1000),
             statement_timeout: Duration::from_millis(1500),
             migrate_lock_timeout: Duration::from_secs(60),
+            forward_targets: Vec::new(),
         }
     }
 }

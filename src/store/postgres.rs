@@ -20,11 +20,13 @@ use super::claim::ExistingClaim;
 use super::feed::{self, FeedEvent, TerminalRunFeed};
 use super::listing::{Listing, ListingFilter};
 use super::model::*;
+use super::outbox::{FailedPage, FinishedAttempt, Lease, OutboxMessage, TargetQueue};
 use super::plan::BatchPlan;
 use super::retention::SweepSession;
 use super::rows::{EventRow, RunRow};
-use super::{migrations, PoolUsage, Store, StoreError, StoreOptions};
+use super::{migrations, Outbox, PoolUsage, Store, StoreError, StoreOptions};
 
+mod outbox;
 mod sweep;
 
 /// Deadlocks and serialization failures between concurrent writers are retried this often.
@@ -707,6 +709,78 @@ impl Store for PostgresStore {
     async fn begin_sweep(&self) -> Result<Option<Box<dyn SweepSession>>, StoreError> {
         let session = sweep::PostgresSweep::begin(&self.connect).await?;
         Ok(session.map(|session| Box::new(session) as Box<dyn SweepSession>))
+    }
+
+    fn outbox(&self) -> &dyn Outbox {
+        self
+    }
+}
+
+#[async_trait]
+impl Outbox for PostgresStore {
+    async fn claim_forward_messages(
+        &self,
+        target: &str,
+        limit: u32,
+        lease: Lease,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        outbox::claim(self, target, limit, lease, now).await
+    }
+
+    async fn finish_forward_attempts(
+        &self,
+        attempts: &[FinishedAttempt],
+    ) -> Result<u64, StoreError> {
+        outbox::finish(self, attempts).await
+    }
+
+    async fn next_forward_due(&self, target: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        outbox::next_due(self, target).await
+    }
+
+    async fn forward_queue(&self, target: &str) -> Result<TargetQueue, StoreError> {
+        outbox::queue(self, target).await
+    }
+
+    async fn list_failed_forwards(
+        &self,
+        target: &str,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<FailedPage, StoreError> {
+        outbox::list_failed(self, target, limit, before).await
+    }
+
+    async fn retry_failed_forwards(
+        &self,
+        target: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        outbox::retry_failed(self, target, now).await
+    }
+
+    async fn replay_forwards(
+        &self,
+        target: &str,
+        since: DateTime<Utc>,
+        until: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        outbox::replay(self, target, since, until, now).await
+    }
+
+    async fn queue_stuck_runs(
+        &self,
+        changed_before: DateTime<Utc>,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        outbox::queue_stuck(self, changed_before, limit, now).await
+    }
+
+    async fn prune_forwarded(&self, before: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
+        outbox::prune(self, before, limit).await
     }
 }
 

@@ -145,6 +145,9 @@ impl Store for GatedStore {
     async fn begin_sweep(&self) -> Result<Option<Box<dyn SweepSession>>, StoreError> {
         self.inner().begin_sweep().await
     }
+    fn outbox(&self) -> &dyn nen_relay::store::Outbox {
+        self.inner().outbox()
+    }
 }
 
 fn delivery(body: &str) -> Delivery {

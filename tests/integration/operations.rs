@@ -377,7 +377,7 @@ async fn an_unreachable_store_gives_503_with_retry_after() {
         &variables,
     )
     .unwrap();
-    let store = nen_relay::store::connect(&settings.database_url, &settings.store.options(), false)
+    let store = nen_relay::store::connect(&settings.database_url, &settings.store_options(), false)
         .await
         .unwrap();
     let application = Application::build_with_store(settings, store)

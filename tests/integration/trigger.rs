@@ -848,6 +848,9 @@ impl Store for HeldClaims {
     async fn begin_sweep(&self) -> Result<Option<Box<dyn SweepSession>>, StoreError> {
         self.inner.begin_sweep().await
     }
+    fn outbox(&self) -> &dyn nen_relay::store::Outbox {
+        self.inner.outbox()
+    }
 }
 
 async fn a_client_that_hangs_up_after_the_claim_still_gets_its_run_and_its_key_settled(

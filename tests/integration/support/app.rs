@@ -91,7 +91,7 @@ impl TestApp {
         .expect("valid test settings");
         let store = match store {
             Some(store) => store,
-            None => store::connect(&settings.database_url, &settings.store.options(), true)
+            None => store::connect(&settings.database_url, &settings.store_options(), true)
                 .await
                 .expect("the test database opens and migrates"),
         };

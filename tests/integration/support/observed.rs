@@ -110,6 +110,9 @@ impl Store for ObservedStore {
     async fn begin_sweep(&self) -> Result<Option<Box<dyn SweepSession>>, StoreError> {
         self.inner.begin_sweep().await
     }
+    fn outbox(&self) -> &dyn nen_relay::store::Outbox {
+        self.inner.outbox()
+    }
 
     async fn list_stuck_runs(
         &self,
