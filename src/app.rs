@@ -26,6 +26,7 @@ use crate::callbacks::budget::BodyBudget;
 use crate::callbacks::ingest::{Ingest, Writers};
 use crate::callbacks::signature::WebhookKeys;
 use crate::config::Settings;
+use crate::forward::ForwardWake;
 use crate::http::auth::{self, ApiTokens};
 use crate::http::middleware::{
     drop_invalid_request_id, log_server_errors, make_span, method_not_allowed, not_found,
@@ -86,6 +87,13 @@ impl Application {
         // Writers give up on a batch a little after the statement timeout, so a hung
         // connection cannot hold a writer forever.
         let store_timeout = settings.store.statement_timeout + settings.store.acquire_timeout;
+        let forward_wake = ForwardWake::new(
+            settings
+                .forward
+                .targets
+                .iter()
+                .map(|target| target.name.as_str()),
+        );
         let waiters = Waiters::new(settings.query.max_waiters, settings.query.wait_recheck);
         let (ingest, writers) = Ingest::start(
             store.clone(),
@@ -118,6 +126,7 @@ impl Application {
             body_budget: BodyBudget::new(settings.webhook.max_inflight_body_bytes),
             settings: Arc::new(settings.clone()),
             draining: draining.clone(),
+            forward_wake: forward_wake.clone(),
         };
         tracing::info!(
             webhook_key_ids = ?state.webhook_keys.ids(),

@@ -18,6 +18,7 @@ use crate::callbacks::budget::BodyBudget;
 use crate::callbacks::ingest::Ingest;
 use crate::callbacks::signature::WebhookKeys;
 use crate::config::Settings;
+use crate::forward::ForwardWake;
 use crate::nen::NenClient;
 use crate::runs::waiters::Waiters;
 use crate::store::Store;
@@ -40,4 +41,6 @@ pub struct AppState {
     /// Cancelled when the server stops accepting connections: requests that would wait (a
     /// long poll) answer at once, so that the drain is not held up.
     pub draining: CancellationToken,
+    /// Wakes the forwarding workers after a commit that queued messages (runs started here).
+    pub forward_wake: ForwardWake,
 }
