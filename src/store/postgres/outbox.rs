@@ -13,8 +13,7 @@ use chrono::{DateTime, Utc};
 
 use super::PostgresStore;
 use crate::store::outbox::{
-    self, AttemptOutcome, FailedPage, FailedRow, FinishedAttempt, Lease, OutboxMessage,
-    TargetQueue,
+    self, AttemptOutcome, FailedPage, FailedRow, FinishedAttempt, Lease, OutboxMessage, TargetQueue,
 };
 use crate::store::rows::RunRow;
 use crate::store::StoreError;

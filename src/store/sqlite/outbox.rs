@@ -12,8 +12,7 @@ use chrono::{DateTime, Utc};
 
 use super::{run_from_row, time_from_text, time_read_leniently, time_text, SqliteStore};
 use crate::store::outbox::{
-    self, AttemptOutcome, FailedPage, FailedRow, FinishedAttempt, Lease, OutboxMessage,
-    TargetQueue,
+    self, AttemptOutcome, FailedPage, FailedRow, FinishedAttempt, Lease, OutboxMessage, TargetQueue,
 };
 use crate::store::rows::{RunRow, StoredText};
 use crate::store::StoreError;
@@ -179,7 +178,11 @@ pub(super) async fn finish(
             AttemptOutcome::Retry {
                 next_attempt_at,
                 error,
-            } => ("retry", Some(time_text(*next_attempt_at)), Some(error.as_str())),
+            } => (
+                "retry",
+                Some(time_text(*next_attempt_at)),
+                Some(error.as_str()),
+            ),
             AttemptOutcome::Failed { error } => ("failed", None, Some(error.as_str())),
         };
         recorded += sqlx::query(FINISH)
@@ -210,15 +213,11 @@ pub(super) async fn next_due(
 }
 
 pub(super) async fn queue(store: &SqliteStore, target: &str) -> Result<TargetQueue, StoreError> {
-    let (pending, oldest, failed, last_error): (
-        i64,
-        Option<StoredText>,
-        i64,
-        Option<StoredText>,
-    ) = sqlx::query_as(QUEUE)
-        .bind(target)
-        .fetch_one(&store.readers)
-        .await?;
+    let (pending, oldest, failed, last_error): (i64, Option<StoredText>, i64, Option<StoredText>) =
+        sqlx::query_as(QUEUE)
+            .bind(target)
+            .fetch_one(&store.readers)
+            .await?;
     Ok(TargetQueue {
         pending: u64::try_from(pending).unwrap_or(0),
         oldest_pending_queued_at: oldest.map(stored_time).transpose()?,
