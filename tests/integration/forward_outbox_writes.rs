@@ -513,9 +513,10 @@ async fn until_the_store_waits_for_a_lock(db: &TestDatabase) {
     }
 }
 
-/// A run another writer creates while a batch is written (after the batch locked the runs it
-/// found) was not seen by the batch: its status before the batch is unknown until the batch
-/// tries again, and then decides as for any other run.
+/// A run created while a batch is written, by a writer that takes no forwarding lock (a
+/// replica without targets; plain SQL here), was not seen by the batch when it read the
+/// statuses it starts from: the batch cannot know what it changed until it tries again, and
+/// then decides as for any other run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_run_created_meanwhile_by_another_writer_is_decided_on_again() {
     let db = fresh_database(Backend::Postgres).await;
