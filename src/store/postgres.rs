@@ -129,8 +129,9 @@ impl PostgresStore {
     }
 
     /// A batch with forwarding: [`RECORD_BATCH`] in a transaction that also queues the runs it
-    /// changed (see there). `message_ids`: the batch's runs, sorted, each once. `None` when
-    /// another writer created one of them meanwhile: it exists now, so try again.
+    /// changed (see there). `message_ids`: the batch's runs, sorted, each once. `None` when a
+    /// writer that takes no forwarding lock created one of them meanwhile: it exists now, so
+    /// try again.
     async fn try_record_forwarding(
         &self,
         plan: &BatchPlan<'_>,
