@@ -100,11 +100,17 @@ impl Application {
             &settings.ingest,
             store_timeout,
             waiters.clone(),
+            forward_wake.clone(),
         );
         let draining = CancellationToken::new();
         // Both stop when the listener closes: waiters are answered then, and a replica that
         // is stopping has no gauge left to refresh.
-        feed_listener::spawn(store.clone(), waiters.clone(), draining.clone());
+        feed_listener::spawn(
+            store.clone(),
+            waiters.clone(),
+            forward_wake.clone(),
+            draining.clone(),
+        );
         stuck::spawn_gauge(
             store.clone(),
             StuckRule::new(settings.runs.stuck_after),

@@ -8,6 +8,8 @@
 //!   statuses arrive together, and what each delivery is answered;
 //! - `forward_only`: what a run becomes when callbacks move it or this service starts it, and
 //!   which terminal statuses conflict;
+//! - `changes`: which writes change a run, and the forwarding messages (`outbox`) a change
+//!   queues in its own transaction;
 //! - `claim`: what a claim of an `Idempotency-Key` answers, from what the store found;
 //! - `listing`: which listing statement a query needs, and the page its rows make;
 //! - `rows`: how a selected row becomes a [`Run`] or an [`Event`];
@@ -20,8 +22,11 @@
 //! Rust. The PostgreSQL store writes a batch with one statement, so that statement implements
 //! two of them in SQL (`BatchPlan::run_changes` and `RunState::advanced`), and says so; the
 //! shared behaviour suite, with a property test that feeds both stores the same random batches,
-//! keeps the two equal.
+//! keeps the two equal. With forwarding targets, a PostgreSQL batch is a short transaction
+//! around that statement instead, which locks the runs first to know what changed
+//! (`postgres::RECORD_BATCH`).
 
+mod changes;
 mod claim;
 pub mod feed;
 mod forward_only;

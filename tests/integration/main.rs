@@ -6,6 +6,7 @@ mod callbacks;
 mod command_line;
 mod connections;
 mod forward_outbox_ops;
+mod forward_outbox_writes;
 mod forwarding_api;
 mod group_commit;
 mod hostile;
