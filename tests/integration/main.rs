@@ -5,6 +5,7 @@ mod support;
 mod callbacks;
 mod command_line;
 mod connections;
+mod forwarding;
 mod group_commit;
 mod hostile;
 mod migrations;
