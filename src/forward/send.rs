@@ -35,6 +35,9 @@ pub enum Sent {
     Delivered,
     /// Anything else, with a short reason.
     NotDelivered(String),
+    /// The message cannot be sent at all (its stored run is not JSON): trying again would not
+    /// help.
+    Unsendable(String),
 }
 
 /// Sends `message` to `target`, signed for the instant `attempted_at`.
@@ -46,7 +49,7 @@ pub async fn send(
 ) -> Sent {
     let body = match envelope::body(&message.event_type, message.committed_at, &message.run) {
         Ok(body) => body,
-        Err(_) => return Sent::NotDelivered("the stored run is not valid JSON".into()),
+        Err(_) => return Sent::Unsendable("the stored run is not valid JSON".into()),
     };
     let id = webhook_id(message.id);
     let timestamp = attempted_at.timestamp();

@@ -209,6 +209,7 @@ impl Worker {
             let finished_at = Utc::now();
             let outcome = match sent {
                 Sent::Delivered => AttemptOutcome::Delivered,
+                Sent::Unsendable(error) => AttemptOutcome::Failed { error },
                 Sent::NotDelivered(error) => settings.backoff.after_failure(
                     message.attempts,
                     message.queued_at,
@@ -234,7 +235,7 @@ impl Worker {
                     target_name = %target.name,
                     webhook_id = %webhook_id(message.id),
                     %error,
-                    "not delivered within forward.max_age; kept as failed"
+                    "not delivered; kept as failed"
                 ),
             }
             Done {

@@ -285,6 +285,19 @@ async fn a_message_past_its_maximum_age_is_kept_as_failed() {
     assert_eq!(receiver.received.lock().unwrap().len(), 1);
 }
 
+#[tokio::test]
+async fn a_message_that_cannot_be_sent_is_failed_at_once() {
+    let (receiver, address) = receiver(Receiver::default()).await;
+    let fake = Arc::new(FakeOutbox::default());
+    let id = fake.push(TARGET, "a", Utc::now());
+    fake.inner.lock().unwrap().messages[0].message.run = "{not json".into();
+    let running = start(&fake, address, settings());
+    within(fake.wait_for(settled(&[id]))).await;
+    running.stop.cancel();
+    assert_eq!(fake.with(|inner| inner.messages[0].state), State::Failed);
+    assert!(receiver.received.lock().unwrap().is_empty());
+}
+
 /// Idle, the worker asks the store once, then waits for a wake (or a due time, or the poll
 /// interval, an hour here): however often the runtime turns, no further call.
 #[tokio::test(flavor = "current_thread")]
