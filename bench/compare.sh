@@ -4,6 +4,9 @@
 #   - nen-relay's 401 path (bad signatures): its ceiling without the store
 #   - the typical receiver (bench/reference-node: Fastify + pg pool of 8, a transaction per callback)
 #   - pgbench: the same one-callback-per-transaction write, prepared statements (PostgreSQL's ceiling)
+#   - nen-relay with one forwarding target (a local sink that answers 204 at once): committed
+#     callbacks/s while it forwards, then how fast the outbox drains, and the lag from commit to
+#     the sink (p50/p99)
 # and nen-relay's peak RSS. Everything listens on 127.0.0.1 and is removed at the end.
 #
 #   bench/compare.sh                      (about 3 minutes; BENCH_SECONDS=15 per measurement)
@@ -18,11 +21,12 @@ SECONDS_EACH=${BENCH_SECONDS:-15}
 CONNECTIONS=${BENCH_CONNECTIONS:-"16 64"}
 BIN=target/release/nen-relay
 BENCH=target/release/nen-relay-bench
+SINK=target/release/nen-relay-sink
 for tool in pgbench psql node curl python3; do
   command -v "$tool" >/dev/null || { echo "compare.sh needs $tool" >&2; exit 2; }
 done
 stale() { [[ ! -x $1 || -n $(find src migrations tools Cargo.toml Cargo.lock -newer "$1" -print -quit) ]]; }
-if stale "$BIN" || stale "$BENCH"; then
+if stale "$BIN" || stale "$BENCH" || stale "$SINK"; then
   log "building the release binaries"
   cargo build --release --locked --quiet -p nen-relay -p nen-relay-bench
 fi
@@ -37,6 +41,7 @@ token="token-bench-$RANDOM$RANDOM"
 export NEN_WEBHOOK_SECRETS=$secret NEN_RELAY_API_TOKENS=$token
 
 relay_db=$(fresh_database relay)
+forward_db=$(fresh_database forward)
 node_db=$(fresh_database node)
 pgbench_db=$(fresh_database pgbench)
 DATABASE_URL=$pgbench_db RUST_LOG=warn "$BIN" migrate
@@ -47,6 +52,26 @@ DATABASE_URL=$relay_db NEN_RELAY_BIND=127.0.0.1:$relay_port NEN_RELAY_LOG_FORMAT
   start_background "$workdir/relay.log" "$BIN" serve
 relay_pid=$LAST_PID
 wait_for "http://127.0.0.1:$relay_port/readyz"
+
+# The same server with one forwarding target: a sink on this machine that answers 204 at once.
+sink_port=$(free_port)
+start_background "$workdir/sink.log" "$SINK" --port "$sink_port"
+wait_for "http://127.0.0.1:$sink_port/stats"
+forward_port=$(free_port)
+forward_secret="whsec_$(head -c 32 /dev/urandom | base64 -w0)"
+DATABASE_URL=$forward_db NEN_RELAY_BIND=127.0.0.1:$forward_port NEN_RELAY_LOG_FORMAT=json \
+  NEN_RELAY_FORWARD__SINK__URL="http://127.0.0.1:$sink_port/hooks" \
+  NEN_RELAY_FORWARD__SINK__SECRET="$forward_secret" \
+  start_background "$workdir/forward.log" "$BIN" serve
+forward_pid=$LAST_PID
+wait_for "http://127.0.0.1:$forward_port/readyz"
+
+# Messages still pending at the forwarding relay (GET /v1/forwarding).
+forward_pending() {
+  curl -fsS -H "Authorization: Bearer $token" "http://127.0.0.1:$forward_port/v1/forwarding" |
+    python3 -c 'import json,sys; print(sum(t["pending"] for t in json.load(sys.stdin)["targets"]))'
+}
+sink_messages() { curl -fsS "http://127.0.0.1:$sink_port/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["messages"])'; }
 
 node_port=$(free_port)
 DATABASE_URL=$node_db PORT=$node_port start_background "$workdir/node.log" node bench/reference-node/server.js
@@ -74,6 +99,18 @@ for c in $CONNECTIONS; do
   result[relay_p99_$c]=$(field "$j" p99_ms); result[relay_non2xx_$c]=$(field "$j" non_2xx)
   result[relay_verified_$c]=$(field "$j" verified_runs)
 
+  log "nen-relay with one forwarding target, committed callbacks, $c connections"
+  before=$(sink_messages)
+  started=$(date +%s.%N)
+  j=$(bench_json --url "http://127.0.0.1:$forward_port" --connections "$c")
+  result[forward_rate_$c]=$(field "$j" rate); result[forward_p99_$c]=$(field "$j" p99_ms)
+  result[forward_non2xx_$c]=$(field "$j" non_2xx)
+  # Then until the outbox is empty (at most 120 s): messages delivered over the whole span.
+  for _ in $(seq 1 1200); do [[ $(forward_pending) == 0 ]] && break; sleep 0.1; done
+  drained=$(date +%s.%N)
+  result[forward_left_$c]=$(forward_pending)
+  result[forward_delivered_per_s_$c]=$(python3 -c "print(($(sink_messages) - $before) / ($drained - $started))")
+
   log "nen-relay, 401 path, $c connections"
   j=$(bench_json --url "http://127.0.0.1:$relay_port" --connections "$c" --bad-signatures)
   result[reject_rate_$c]=$(field "$j" rate); result[reject_p99_$c]=$(field "$j" p99_ms)
@@ -90,6 +127,9 @@ for c in $CONNECTIONS; do
   result[pgbench_lat_$c]=$(awk '/^latency average = / {print $4; exit}' "$workdir/pgbench.out")
 done
 result[relay_peak_rss_kib]=$(peak_rss_kib "$relay_pid")
+result[forward_peak_rss_kib]=$(peak_rss_kib "$forward_pid")
+stats=$(curl -fsS "http://127.0.0.1:$sink_port/stats")
+result[forward_lag_p50_ms]=$(field "$stats" lag_p50_ms); result[forward_lag_p99_ms]=$(field "$stats" lag_p99_ms)
 result[node_peak_rss_kib]=$(peak_rss_kib "$node_pid")
 
 {

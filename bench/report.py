@@ -19,6 +19,10 @@ def table(r, connections):
             (f"nen-relay committed callbacks/s ({c} conn)", f"{relay:,.0f}", "1.00x"),
             (f"  p50 / p99 latency ms", f"{r[f'relay_p50_{c}']:.2f} / {r[f'relay_p99_{c}']:.2f}", ""),
             (f"  non-2xx answers / runs loss-checked", f"{r[f'relay_non2xx_{c}']:.0f} / {r[f'relay_verified_{c}']:.0f}", ""),
+            (f"nen-relay with one forwarding target, committed/s ({c} conn)", f"{r[f'forward_rate_{c}']:,.0f}",
+             f"{ratio(r[f'forward_rate_{c}'], relay)} of without"),
+            (f"  p99 ms / non-2xx / left pending", f"{r[f'forward_p99_{c}']:.2f} / {r[f'forward_non2xx_{c}']:.0f} / {r[f'forward_left_{c}']:.0f}", ""),
+            (f"  forwarded messages/s, load and drain", f"{r[f'forward_delivered_per_s_{c}']:,.0f}", ""),
             (f"nen-relay 401 path requests/s ({c} conn)", f"{r[f'reject_rate_{c}']:,.0f}",
              f"committed is {ratio(relay, r[f'reject_rate_{c}'])} of it"),
             (f"reference Node receiver callbacks/s ({c} conn)", f"{r[f'node_rate_{c}']:,.0f}",
@@ -28,6 +32,9 @@ def table(r, connections):
              f"nen-relay is {ratio(relay, r[f'pgbench_tps_{c}'])}"),
         ]
     rows.append(("nen-relay peak RSS (VmHWM) MiB", f"{r['relay_peak_rss_kib'] / 1024:.1f}", ""))
+    rows.append(("nen-relay with forwarding peak RSS MiB", f"{r['forward_peak_rss_kib'] / 1024:.1f}", ""))
+    rows.append(("forwarding lag, commit to sink, p50 / p99 ms",
+                 f"{r['forward_lag_p50_ms']:.0f} / {r['forward_lag_p99_ms']:.0f}", ""))
     rows.append(("reference Node receiver peak RSS MiB", f"{r['node_peak_rss_kib'] / 1024:.1f}", ""))
     width = max(len(name) for name, _, _ in rows)
     for name, value, note in rows:

@@ -39,6 +39,12 @@ fi
 check supply_chain bash -c 'command -v cargo-deny >/dev/null || cargo install cargo-deny --locked; cargo deny --offline --log-level error check bans licenses sources'
 # Two replicas behind HAProxy, each restarted twice under load (faults/rolling_restart.py).
 check rolling_restart bash -c 'command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || { apt-get update -qq && apt-get install -y -qq haproxy; }; python3 faults/rolling_restart.py --seconds 25 --rounds 2'
+# Forwarding: every change delivered in order per run, signed (checked with the PyPI
+# standardwebhooks package), through SIGKILLs, a target outage, 500s, and two replicas.
+python3 -c 'import standardwebhooks' 2>/dev/null || pip install -q standardwebhooks
+check forward_kills python3 faults/forwarding.py --runs 300 --kills 3 --time-limit 120
+check forward_outage python3 faults/forwarding.py --runs 200 --outage 5 --fail-first 2 --time-limit 120
+check forward_replicas python3 faults/forwarding.py --runs 300 --replicas 2 --kills 2 --time-limit 120
 check db_outage python3 faults/db_outage.py --outage-seconds 3
 
 echo "faults: $passed passed, $failed failed"

@@ -34,7 +34,7 @@ use crate::http::middleware::{
 };
 use crate::http::readiness::Readiness;
 use crate::http::scrape::Scrape;
-use crate::http::{callbacks, ops, runs, AppState};
+use crate::http::{callbacks, forwarding, ops, runs, AppState};
 use crate::nen::NenClient;
 use crate::runs::stuck::{self, StuckRule};
 use crate::runs::{feed_listener, waiters::Waiters};
@@ -254,6 +254,13 @@ pub fn public_router(state: AppState, endpoints: OpsEndpoints, with_metrics: boo
         .route("/runs", get(runs::list_runs).post(runs::start_run))
         .route("/runs/{message_id}", get(runs::get_run))
         .route("/runs/{message_id}/events", get(runs::list_events))
+        .route("/forwarding", get(forwarding::list_targets))
+        .route("/forwarding/{name}/failed", get(forwarding::list_failed))
+        .route(
+            "/forwarding/{name}/retry-failed",
+            post(forwarding::retry_failed),
+        )
+        .route("/forwarding/{name}/replay", post(forwarding::replay))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),

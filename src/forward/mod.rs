@@ -2,6 +2,7 @@
 //! systems").
 //!
 //! - `target`: a configured target, checked, with its Standard Webhooks key;
+//! - `admin`: what an operator asks of it: each target's queue, failed messages, retry, replay;
 //! - `wake`: how commits wake the delivery workers;
 //! - `envelope`, `signature`: the body and the Standard Webhooks headers of a message;
 //! - `send`: one attempt, over the shared HTTP client;
@@ -13,6 +14,7 @@
 //! The messages themselves are written by the store, in the transaction that commits each change
 //! (`store::outbox`): a crash loses none.
 
+pub mod admin;
 mod backoff;
 mod envelope;
 mod gauges;

@@ -201,7 +201,8 @@ pub trait Outbox: Send + Sync {
     ) -> Result<u64, StoreError>;
 
     /// When the soonest pending message of `target` can next be claimed (its `next_attempt_at`,
-    /// or the end of its lease), or `None` when nothing is pending.
+    /// or the end of its lease), or `None` when nothing is pending. A message waiting for an
+    /// earlier one of its run is left out: it can only go after that one's outcome.
     async fn next_forward_due(&self, target: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
 
     /// A target's queue: pending, oldest pending, failed, last error.

@@ -40,6 +40,8 @@ pub struct PostgresStore {
     url_options: PgConnectOptions,
     /// What every pooled connection is opened with; a sweep opens its own connection with it.
     connect: PgConnectOptions,
+    /// `StoreOptions::forward_targets`: every change writes one outbox message per target.
+    forward_targets: Vec<String>,
 }
 
 impl PostgresStore {
@@ -72,6 +74,7 @@ impl PostgresStore {
             listen,
             url_options,
             connect,
+            forward_targets: options.forward_targets.clone(),
         })
     }
 
@@ -479,6 +482,20 @@ const LIST_STUCK_RUNS: &str = concat!(
         and ($3::text is null or status = $3)
         and seq < $4
       order by seq desc limit $5"
+);
+
+/// Stuck runs whose `run.stuck` is not queued since they last changed
+/// (`Outbox::queue_stuck_runs`), through `runs_unfinished`, locked for the transaction that
+/// queues them; another replica's sweep skips them rather than queue them twice.
+const RUNS_TO_QUEUE_STUCK: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs
+      where status_rank < 2 and updated_at < $1
+        and (stuck_queued_at is null or stuck_queued_at < updated_at)
+      order by seq
+      limit $2
+      for update of runs skip locked"
 );
 
 /// Counts stuck runs through `runs_unfinished`, stopping at `$2`.

@@ -41,6 +41,8 @@ pub struct SqliteStore {
     readers: SqlitePool,
     /// What every connection is opened with; migrations open their own with a longer wait.
     base: SqliteConnectOptions,
+    /// `StoreOptions::forward_targets`: every change writes one outbox message per target.
+    forward_targets: Vec<String>,
 }
 
 impl SqliteStore {
@@ -86,6 +88,7 @@ impl SqliteStore {
             writer,
             readers,
             base,
+            forward_targets: options.forward_targets.clone(),
         })
     }
 
@@ -427,6 +430,19 @@ const LIST_STUCK_RUNS: &str = concat!(
         and (?3 is null or status = ?3)
         and seq < ?4
       order by seq desc limit ?5"
+);
+
+/// Stuck runs whose `run.stuck` is not queued since they last changed
+/// (`Outbox::queue_stuck_runs`), through `runs_unfinished`; read in the writer's transaction
+/// that queues them.
+const RUNS_TO_QUEUE_STUCK: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs
+      where status_rank < 2 and updated_at < ?1
+        and (stuck_queued_at is null or stuck_queued_at < updated_at)
+      order by seq
+      limit ?2"
 );
 
 /// Counts stuck runs through `runs_unfinished`, stopping at `?2`.

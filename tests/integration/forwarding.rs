@@ -10,6 +10,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use chrono::Utc;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -17,6 +18,7 @@ use tokio::sync::Notify;
 use crate::on_both_backends;
 use crate::support::app::callback;
 use crate::support::metrics::sample;
+use crate::support::stored::set_updated_at;
 use crate::support::{TestApp, TestDatabase};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -45,13 +47,19 @@ impl Receiver {
 
     /// Waits until `count` requests were received.
     async fn wait_for(&self, count: usize) -> Vec<Received> {
+        self.wait_until(|received| received.len() >= count).await
+    }
+
+    /// Waits until what was received satisfies `done`.
+    async fn wait_until(&self, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
         tokio::time::timeout(LIMIT, async {
             loop {
                 let arrived = self.arrived.notified();
                 tokio::pin!(arrived);
                 arrived.as_mut().enable();
-                if self.received.lock().unwrap().len() >= count {
-                    return self.received();
+                let received = self.received();
+                if done(&received) {
+                    return received;
                 }
                 arrived.await;
             }
@@ -100,12 +108,23 @@ async fn start_receiver(answers: &[u16]) -> (Arc<Receiver>, SocketAddr) {
 }
 
 async fn app_forwarding_to(db: TestDatabase, address: SocketAddr) -> TestApp {
+    app_forwarding_with(db, address, &[]).await
+}
+
+async fn app_forwarding_with(
+    db: TestDatabase,
+    address: SocketAddr,
+    more: &[(&str, &str)],
+) -> TestApp {
     TestApp::spawn_with(db, |variables| {
         variables.insert(
             "NEN_RELAY_FORWARD__ORDERS__URL".into(),
             format!("http://{address}/hooks"),
         );
         variables.insert("NEN_RELAY_FORWARD__ORDERS__SECRET".into(), SECRET.into());
+        for (name, value) in more {
+            variables.insert((*name).into(), (*value).into());
+        }
     })
     .await
 }
@@ -181,7 +200,51 @@ async fn a_refusing_target_gets_the_message_again_with_the_same_id(db: TestDatab
         .all(|message| message.body == received[0].body));
 }
 
+/// Messages queued without a wake (here by the store call the stuck task makes, called
+/// directly so that the test need not wait for its 30 s tick) go out at the next poll.
+async fn a_stuck_run_goes_out_once_as_run_stuck(db: TestDatabase) {
+    let (receiver, address) = start_receiver(&[]).await;
+    let app = app_forwarding_with(
+        db,
+        address,
+        &[("NEN_RELAY_FORWARD__POLL_INTERVAL", "100ms")],
+    )
+    .await;
+    app.deliver_ok(&callback("m-1", "processing", json!({})))
+        .await;
+    set_updated_at(&app.db, "m-1", Utc::now() - chrono::Duration::hours(2)).await;
+    let now = Utc::now();
+    let changed_before = now - chrono::Duration::hours(1);
+    let outbox = app.store.outbox();
+    assert_eq!(
+        outbox
+            .queue_stuck_runs(changed_before, 500, now)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        outbox
+            .queue_stuck_runs(changed_before, 500, now)
+            .await
+            .unwrap(),
+        0,
+        "once per stuck spell"
+    );
+    let is_stuck = |message: &Received| message.body["type"] == "run.stuck";
+    let received = receiver
+        .wait_until(|received| received.iter().any(is_stuck))
+        .await;
+    let stuck: Vec<_> = received.iter().filter(|m| is_stuck(m)).collect();
+    assert_eq!(stuck.len(), 1);
+    assert!(stuck[0].verified);
+    assert_eq!(stuck[0].body["data"]["message_id"], "m-1");
+    assert_eq!(stuck[0].body["data"]["stuck"], true);
+    assert!(stuck[0].webhook_id.starts_with("msg_"));
+}
+
 on_both_backends!(
+    a_stuck_run_goes_out_once_as_run_stuck,
     every_change_is_forwarded_signed_and_in_order,
     a_refusing_target_gets_the_message_again_with_the_same_id,
 );
