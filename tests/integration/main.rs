@@ -7,6 +7,7 @@ mod command_line;
 mod connections;
 mod forward_outbox_ops;
 mod forward_outbox_writes;
+mod forwarding;
 mod forwarding_api;
 mod group_commit;
 mod hostile;
