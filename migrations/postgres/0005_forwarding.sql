@@ -27,7 +27,9 @@ create table forward_outbox (
     delivered_at     timestamptz
 );
 
--- Due messages of a target, soonest first: what a worker claims from.
+-- Pending messages of a target in id order: what a worker claims from, oldest first.
+create index forward_outbox_pending_id on forward_outbox (target, id) where state = 'pending';
+-- The soonest retry still to come: when an idle worker looks again.
 create index forward_outbox_pending on forward_outbox (target, next_attempt_at)
     where state = 'pending';
 -- Order per run: a message waits while an earlier pending one of its run and target exists.

@@ -198,7 +198,11 @@ impl Outbox for FakeOutbox {
         Ok(recorded)
     }
 
-    async fn next_forward_due(&self, target: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    async fn next_forward_due(
+        &self,
+        target: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
         let due = {
             let mut inner = self.inner.lock().unwrap();
             inner.calls.next_due += 1;
@@ -206,10 +210,8 @@ impl Outbox for FakeOutbox {
                 .messages
                 .iter()
                 .filter(|stored| stored.message.target == target && stored.state == State::Pending)
-                .map(|stored| match stored.lease {
-                    Some(lease) => lease.until.max(stored.next_attempt_at),
-                    None => stored.next_attempt_at,
-                })
+                .map(|stored| stored.next_attempt_at)
+                .filter(|due| *due > now)
                 .min()
         };
         self.touched();

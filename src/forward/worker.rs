@@ -188,7 +188,7 @@ impl Worker {
         let due = self
             .outbox
             .outbox()
-            .next_forward_due(&self.target.name)
+            .next_forward_due(&self.target.name, claimed_at)
             .await?;
         Ok(match due {
             Some(due) if due > claimed_at => {

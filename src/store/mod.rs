@@ -205,10 +205,16 @@ pub trait Outbox: Send + Sync {
         attempts: &[FinishedAttempt],
     ) -> Result<u64, StoreError>;
 
-    /// When the soonest pending message of `target` can next be claimed (its `next_attempt_at`,
-    /// or the end of its lease), or `None` when nothing is pending. A message waiting for an
-    /// earlier one of its run is left out: it can only go after that one's outcome.
-    async fn next_forward_due(&self, target: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
+    /// The soonest `next_attempt_at` after `now` among pending messages of `target`, or `None`
+    /// when none comes due later: when a worker that claimed everything claimable should look
+    /// again. One index lookup, however long the queue. What is due already but was not
+    /// claimable (waiting for an earlier message of its run, or leased) is left out: an outcome
+    /// of this worker, or its poll, brings it.
+    async fn next_forward_due(
+        &self,
+        target: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, StoreError>;
 
     /// A target's queue: pending, oldest pending, failed, last error.
     async fn forward_queue(&self, target: &str) -> Result<TargetQueue, StoreError>;

@@ -778,8 +778,12 @@ impl Outbox for SqliteStore {
         outbox::finish(self, attempts).await
     }
 
-    async fn next_forward_due(&self, target: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
-        outbox::next_due(self, target).await
+    async fn next_forward_due(
+        &self,
+        target: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        outbox::next_due(self, target, now).await
     }
 
     async fn forward_queue(&self, target: &str) -> Result<TargetQueue, StoreError> {

@@ -403,38 +403,49 @@ async fn a_lease_holds_a_message_until_it_ends_and_only_its_owner_records(db: Te
     assert_eq!(stored(&db, id).await.state, "failed");
 }
 
-async fn next_due_is_when_the_head_of_a_run_can_be_claimed(db: TestDatabase) {
+async fn next_due_is_the_soonest_retry_still_to_come(db: TestDatabase) {
     let store = open(&db).await;
     let outbox = store.outbox();
-    assert_eq!(outbox.next_forward_due(T).await.unwrap(), None);
+    assert_eq!(outbox.next_forward_due(T, at(0)).await.unwrap(), None);
     insert(&db, T, "m-a", 0, 5_000).await;
     let b1 = insert(&db, T, "m-b", 1, 3_000).await;
     insert(&db, "theirs", "m-x", 0, 100).await;
-    assert_eq!(outbox.next_forward_due(T).await.unwrap(), Some(at(3_000)));
+    assert_eq!(
+        outbox.next_forward_due(T, at(0)).await.unwrap(),
+        Some(at(3_000))
+    );
+    // Due already is not "to come": the claim takes those, or they wait for an outcome.
+    assert_eq!(
+        outbox.next_forward_due(T, at(3_000)).await.unwrap(),
+        Some(at(5_000))
+    );
+    assert_eq!(outbox.next_forward_due(T, at(5_000)).await.unwrap(), None);
 
     let held = lease(8_000);
+    outbox
+        .claim_forward_messages(T, 10, held, at(3_000))
+        .await
+        .unwrap();
+    // A retry of m-b at 6000 is the next thing to come after 5000.
+    outbox
+        .finish_forward_attempts(&[finished(b1, held, 3_500, retry(6_000, "HTTP 500"))])
+        .await
+        .unwrap();
     assert_eq!(
-        ids(&outbox
-            .claim_forward_messages(T, 10, held, at(3_000))
-            .await
-            .unwrap()),
-        [b1]
+        outbox.next_forward_due(T, at(5_000)).await.unwrap(),
+        Some(at(6_000))
     );
-    // m-b's second change is due early but waits for its first, leased until 8000.
-    insert(&db, T, "m-b", 2, 1_000).await;
-    assert_eq!(outbox.next_forward_due(T).await.unwrap(), Some(at(5_000)));
-    // A lease ending later than everything else due is what is waited for.
-    let a_held = lease(7_000);
+    // Delivered and failed messages never come due.
+    let again = lease(9_000);
     outbox
-        .claim_forward_messages(T, 10, a_held, at(5_000))
+        .claim_forward_messages(T, 10, again, at(6_000))
         .await
         .unwrap();
-    assert_eq!(outbox.next_forward_due(T).await.unwrap(), Some(at(7_000)));
     outbox
-        .finish_forward_attempts(&[finished(b1, held, 5_500, AttemptOutcome::Delivered)])
+        .finish_forward_attempts(&[finished(b1, again, 6_100, AttemptOutcome::Delivered)])
         .await
         .unwrap();
-    assert_eq!(outbox.next_forward_due(T).await.unwrap(), Some(at(1_000)));
+    assert_eq!(outbox.next_forward_due(T, at(5_000)).await.unwrap(), None);
 }
 
 async fn the_queue_counts_pending_and_failed_and_shows_the_latest_error(db: TestDatabase) {
@@ -819,7 +830,7 @@ async fn prune_deletes_old_delivered_and_failed_messages_only(db: TestDatabase) 
 on_both_backends!(
     claims_go_in_id_order_and_wait_for_earlier_changes_of_the_run,
     a_lease_holds_a_message_until_it_ends_and_only_its_owner_records,
-    next_due_is_when_the_head_of_a_run_can_be_claimed,
+    next_due_is_the_soonest_retry_still_to_come,
     the_queue_counts_pending_and_failed_and_shows_the_latest_error,
     failed_messages_are_listed_newest_first_in_pages,
     retry_failed_queues_failed_messages_again_under_their_ids,

@@ -21,7 +21,12 @@ use crate::store::StoreError;
 /// Claimable messages of `$1` (see `outbox`), oldest first, locked so that a concurrent claim
 /// skips them, then leased. `for update` re-reads a row another claim just committed, and its
 /// new lease leaves it out. Later messages of a run wait while an earlier one is pending,
-/// leased or not (`forward_outbox_pending_run`).
+/// leased or not: a message is claimable only as the first pending one of its run.
+///
+/// Written so that the plan stays a walk, whatever the statistics (a fresh table has none,
+/// and a plan built on none once joined every pending row to every other): the outer scan
+/// walks `forward_outbox_pending_id` in id order and stops at `$2` claimable rows, and the
+/// head-of-run check is a scalar `limit 1` probe per due row, never a join.
 const CLAIM: &str = "\
 update forward_outbox set lease_owner = $3::text::uuid, lease_until = $4
 where id in (
@@ -29,10 +34,12 @@ where id in (
     where m.target = $1 and m.state = 'pending'
       and m.next_attempt_at <= $5
       and (m.lease_until is null or m.lease_until <= $5)
-      and not exists (
-          select 1 from forward_outbox as earlier
+      and m.id = (
+          select earlier.id from forward_outbox as earlier
           where earlier.target = m.target and earlier.message_id = m.message_id
-            and earlier.state = 'pending' and earlier.id < m.id)
+            and earlier.state = 'pending'
+          order by earlier.id
+          limit 1)
     order by m.id
     limit $2
     for update skip locked)
@@ -57,16 +64,10 @@ from unnest($1::int8[], $2::text[], $3::timestamptz[], $4::text[], $5::timestamp
             $6::text[]) as f(id, owner, attempted_at, kind, next_attempt_at, error)
 where m.id = f.id and m.state = 'pending' and m.lease_owner = f.owner::uuid";
 
-/// The soonest a message at the head of its run can be claimed: later messages of a run wait
-/// for the head, whose outcome wakes the worker anyway.
+/// The soonest `next_attempt_at` after `$2`: one step into `forward_outbox_pending`.
 const NEXT_DUE: &str = "\
-select min(greatest(m.next_attempt_at, m.lease_until))
-from forward_outbox as m
-where m.target = $1 and m.state = 'pending'
-  and not exists (
-      select 1 from forward_outbox as earlier
-      where earlier.target = m.target and earlier.message_id = m.message_id
-        and earlier.state = 'pending' and earlier.id < m.id)";
+select min(next_attempt_at) from forward_outbox
+where target = $1 and state = 'pending' and next_attempt_at > $2";
 
 const QUEUE: &str = "\
 select
@@ -211,9 +212,11 @@ pub(super) async fn finish(
 pub(super) async fn next_due(
     store: &PostgresStore,
     target: &str,
+    now: DateTime<Utc>,
 ) -> Result<Option<DateTime<Utc>>, StoreError> {
     Ok(sqlx::query_scalar(NEXT_DUE)
         .bind(target)
+        .bind(now)
         .fetch_one(&store.pool)
         .await?)
 }

@@ -26,10 +26,12 @@ where id in (
     where m.target = ?1 and m.state = 'pending'
       and m.next_attempt_at <= ?5
       and (m.lease_until is null or m.lease_until <= ?5)
-      and not exists (
-          select 1 from forward_outbox as earlier
+      and m.id = (
+          select earlier.id from forward_outbox as earlier
           where earlier.target = m.target and earlier.message_id = m.message_id
-            and earlier.state = 'pending' and earlier.id < m.id)
+            and earlier.state = 'pending'
+          order by earlier.id
+          limit 1)
     order by m.id
     limit ?2)
 returning id, target, message_id, event_type, run, committed_at, queued_at, attempts";
@@ -53,13 +55,8 @@ where id = ?1 and state = 'pending' and lease_owner = ?2";
 /// for the head, whose outcome wakes the worker anyway. (`max` of several values is null when
 /// one is, hence the `coalesce`.)
 const NEXT_DUE: &str = "\
-select min(max(m.next_attempt_at, coalesce(m.lease_until, m.next_attempt_at)))
-from forward_outbox as m
-where m.target = ?1 and m.state = 'pending'
-  and not exists (
-      select 1 from forward_outbox as earlier
-      where earlier.target = m.target and earlier.message_id = m.message_id
-        and earlier.state = 'pending' and earlier.id < m.id)";
+select min(next_attempt_at) from forward_outbox
+where target = ?1 and state = 'pending' and next_attempt_at > ?2";
 
 const QUEUE: &str = "\
 select
@@ -203,9 +200,11 @@ pub(super) async fn finish(
 pub(super) async fn next_due(
     store: &SqliteStore,
     target: &str,
+    now: DateTime<Utc>,
 ) -> Result<Option<DateTime<Utc>>, StoreError> {
     let due: Option<String> = sqlx::query_scalar(NEXT_DUE)
         .bind(target)
+        .bind(time_text(now))
         .fetch_one(&store.readers)
         .await?;
     // A worker's schedule, not something shown: a time that does not parse is an error.
