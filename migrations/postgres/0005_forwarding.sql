@@ -27,9 +27,9 @@ create table forward_outbox (
     delivered_at     timestamptz
 );
 
--- Pending messages of a target in id order: what a worker claims from, oldest first.
-create index forward_outbox_pending_id on forward_outbox (target, id) where state = 'pending';
--- The soonest retry still to come: when an idle worker looks again.
+-- Pending messages of a target, soonest due first: what a worker claims from (a walk that stops
+-- at the first claimable ones), and the soonest retry still to come (when an idle worker looks
+-- again).
 create index forward_outbox_pending on forward_outbox (target, next_attempt_at)
     where state = 'pending';
 -- Order per run: a message waits while an earlier pending one of its run and target exists.

@@ -19,7 +19,6 @@ create table forward_outbox (
     delivered_at     text
 ) strict;
 
-create index forward_outbox_pending_id on forward_outbox (target, id) where state = 'pending';
 create index forward_outbox_pending on forward_outbox (target, next_attempt_at)
     where state = 'pending';
 create index forward_outbox_pending_run on forward_outbox (target, message_id, id)

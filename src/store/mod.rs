@@ -187,8 +187,9 @@ pub trait Store: Send + Sync + 'static {
 /// `StoreOptions::forward_targets`, in the transaction of the change.
 #[async_trait]
 pub trait Outbox: Send + Sync {
-    /// Claims up to `limit` claimable messages of `target` (see `outbox`), in id order, and
-    /// leases them: until the lease ends, no other claim returns them, on any replica.
+    /// Claims up to `limit` claimable messages of `target` (see `outbox`), soonest due first
+    /// (a run's own messages one at a time, in id order), and leases them: until the lease
+    /// ends, no other claim returns them, on any replica.
     async fn claim_forward_messages(
         &self,
         target: &str,

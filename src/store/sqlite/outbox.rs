@@ -17,7 +17,7 @@ use crate::store::outbox::{
 use crate::store::rows::{RunRow, StoredText};
 use crate::store::StoreError;
 
-/// Claimable messages of `?1` (see `outbox`), oldest first, leased. Later messages of a run
+/// Claimable messages of `?1` (see `outbox`), soonest due first, leased. Later messages of a run
 /// wait while an earlier one is pending, leased or not (`forward_outbox_pending_run`).
 const CLAIM: &str = "\
 update forward_outbox set lease_owner = ?3, lease_until = ?4
@@ -32,7 +32,7 @@ where id in (
             and earlier.state = 'pending'
           order by earlier.id
           limit 1)
-    order by m.id
+    order by m.next_attempt_at
     limit ?2)
 returning id, target, message_id, event_type, run, committed_at, queued_at, attempts";
 
