@@ -7,6 +7,12 @@
 //!
 //! Because nothing else writes while a transaction holds the lock, this store reads what it needs
 //! and decides in Rust (`plan`, `forward_only`); its statements only store the result.
+//!
+//! Every statement is a round trip to the thread that owns the connection, and on a busy machine
+//! each one waits to be scheduled: that wait, not SQLite, was most of the cost of a batch. So a
+//! batch is written with one multi-row statement per step, whatever its size: insert the events,
+//! read and update the stored ones it repeats (only when there are any), read the runs, write
+//! them; with `begin` and `commit`, five to seven round trips per batch.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,6 +25,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
+use sqlx::{QueryBuilder, Sqlite};
 
 use super::claim::ExistingClaim;
 use super::feed::TerminalRunFeed;
@@ -68,6 +75,10 @@ impl SqliteStore {
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
+            // Every statement is a round trip to the connection's worker thread; a ping per
+            // checkout would add one to every batch. A broken connection fails its first
+            // statement instead.
+            .test_before_acquire(false)
             .acquire_timeout(options.acquire_timeout)
             .connect_with(
                 base.clone()
@@ -148,77 +159,126 @@ fn time_from_text(text: &str) -> Result<DateTime<Utc>, StoreError> {
         })
 }
 
-/// Inserts each group's first delivery as an event unless `(message_id, status)` exists.
-/// Returns, per group, whether it became a new event. Groups are inserted in arrival order, so
-/// that event ids follow arrival within a batch too.
+/// Rows per multi-row statement. SQLite (3.32 and later; the bundled one is newer) takes up to
+/// 32,766 parameters in one statement, and the widest row here (`write_runs`) binds 13, so a
+/// batch of up to this many rows per table is one statement.
+const ROWS_PER_STATEMENT: usize = 256;
+
+/// Inserts each group's first delivery as an event unless `(message_id, status)` exists, with
+/// one statement per [`ROWS_PER_STATEMENT`] groups. Returns, per group, whether it became a new
+/// event. Rows are inserted in arrival order, so that event ids follow arrival within a batch
+/// too.
+///
+/// The statements are not kept prepared: their text depends on the batch size, and caching
+/// every size would push the other statements out of the connection's cache.
 async fn insert_events(
     connection: &mut SqliteConnection,
     plan: &BatchPlan<'_>,
 ) -> Result<Vec<bool>, sqlx::Error> {
-    let mut inserted = Vec::with_capacity(plan.groups.len());
-    for group in &plan.groups {
-        let first = plan.first(group);
-        let done = sqlx::query(
+    let mut inserted = vec![false; plan.groups.len()];
+    let groups: Vec<usize> = (0..plan.groups.len()).collect();
+    for chunk in groups.chunks(ROWS_PER_STATEMENT) {
+        let mut statement = QueryBuilder::<Sqlite>::new(
             "insert into events (message_id, status, received_at, last_received_at, payload, \
-                                 body_sha256, key_id, duplicates, differing_duplicates) \
-             values (?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             on conflict (message_id, status) do nothing",
-        )
-        .bind(&first.message_id)
-        .bind(&first.status)
-        .bind(time_text(first.received_at))
-        .bind(time_text(plan.last_received_at(group)))
-        .bind(first.body_text())
-        .bind(first.body_sha256.as_slice())
-        .bind(&first.key_id)
-        .bind(group.repeats.len() as i64)
-        .bind(plan.differing_repeats(group) as i64)
-        .execute(&mut *connection)
-        .await?;
-        inserted.push(done.rows_affected() == 1);
+                                 body_sha256, key_id, duplicates, differing_duplicates) ",
+        );
+        statement.push_values(chunk, |mut row, &g| {
+            let group = &plan.groups[g];
+            let first = plan.first(group);
+            row.push_bind(first.message_id.as_str())
+                .push_bind(first.status.as_str())
+                .push_bind(time_text(first.received_at))
+                .push_bind(time_text(plan.last_received_at(group)))
+                .push_bind(first.body_text())
+                .push_bind(first.body_sha256.as_slice())
+                .push_bind(first.key_id.as_str())
+                .push_bind(group.repeats.len() as i64)
+                .push_bind(plan.differing_repeats(group) as i64);
+        });
+        // Only the rows actually inserted come back, in no promised order: found by key.
+        statement.push(" on conflict (message_id, status) do nothing returning message_id, status");
+        let new_rows: Vec<(String, String)> = statement
+            .build_query_as()
+            .persistent(false)
+            .fetch_all(&mut *connection)
+            .await?;
+        let by_key: HashMap<(&str, &str), usize> = chunk
+            .iter()
+            .map(|&g| {
+                let first = plan.first(&plan.groups[g]);
+                ((first.message_id.as_str(), first.status.as_str()), g)
+            })
+            .collect();
+        for (message_id, status) in &new_rows {
+            if let Some(&g) = by_key.get(&(message_id.as_str(), status.as_str())) {
+                inserted[g] = true;
+            }
+        }
     }
     Ok(inserted)
 }
 
-/// Adds every copy of an existing event to its counters. Returns, per group that was not
-/// inserted, the stored body's hash (to tell identical copies from differing ones).
+/// Adds every copy of an existing event to its counters: one statement reads the stored events
+/// of every group that was not inserted, one updates them (per [`ROWS_PER_STATEMENT`] groups).
+/// Returns, per group that was not inserted, the stored body's hash (to tell identical copies
+/// from differing ones).
 async fn count_duplicates(
     connection: &mut SqliteConnection,
     plan: &BatchPlan<'_>,
     inserted: &[bool],
 ) -> Result<Vec<Option<[u8; 32]>>, sqlx::Error> {
     let mut stored = vec![None; plan.groups.len()];
-    for (g, group) in plan.groups.iter().enumerate() {
-        if inserted[g] {
-            continue;
+    let existing: Vec<usize> = (0..plan.groups.len()).filter(|&g| !inserted[g]).collect();
+    for chunk in existing.chunks(ROWS_PER_STATEMENT) {
+        let mut select =
+            QueryBuilder::<Sqlite>::new("select v.column1, events.id, events.body_sha256 from (");
+        select.push_values(chunk, |mut row, &g| {
+            let first = plan.first(&plan.groups[g]);
+            row.push_bind(g as i64)
+                .push_bind(first.message_id.as_str())
+                .push_bind(first.status.as_str());
+        });
+        select.push(
+            ") as v join events on events.message_id = v.column2 and events.status = v.column3",
+        );
+        let rows: Vec<(i64, i64, Vec<u8>)> = select
+            .build_query_as()
+            .persistent(false)
+            .fetch_all(&mut *connection)
+            .await?;
+        // Inside the write transaction that found each of these events already stored.
+        if rows.len() != chunk.len() {
+            return Err(sqlx::Error::RowNotFound);
         }
-        let first = plan.first(group);
-        let (id, stored_sha256): (i64, Vec<u8>) = sqlx::query_as(
-            "select id, body_sha256 from events where message_id = ? and status = ?",
-        )
-        .bind(&first.message_id)
-        .bind(&first.status)
-        .fetch_one(&mut *connection)
-        .await?;
-        sqlx::query(
+        let mut update = QueryBuilder::<Sqlite>::new(
             "update events \
-             set duplicates = duplicates + ?, \
-                 differing_duplicates = differing_duplicates + ?, \
-                 last_received_at = max(last_received_at, ?) \
-             where id = ?",
-        )
-        .bind(plan.copies(group).count() as i64)
-        .bind(plan.differing_copies(group, &stored_sha256) as i64)
-        .bind(time_text(plan.last_received_at(group)))
-        .bind(id)
-        .execute(&mut *connection)
-        .await?;
-        stored[g] = <[u8; 32]>::try_from(stored_sha256.as_slice()).ok();
+             set duplicates = duplicates + v.column2, \
+                 differing_duplicates = differing_duplicates + v.column3, \
+                 last_received_at = max(last_received_at, v.column4) \
+             from (",
+        );
+        update.push_values(&rows, |mut row, (g, id, stored_sha256)| {
+            let group = &plan.groups[*g as usize];
+            row.push_bind(*id)
+                .push_bind(plan.copies(group).count() as i64)
+                .push_bind(plan.differing_copies(group, stored_sha256) as i64)
+                .push_bind(time_text(plan.last_received_at(group)));
+        });
+        update.push(") as v where events.id = v.column1");
+        update
+            .build()
+            .persistent(false)
+            .execute(&mut *connection)
+            .await?;
+        for (g, _, stored_sha256) in rows {
+            stored[g as usize] = <[u8; 32]>::try_from(stored_sha256.as_slice()).ok();
+        }
     }
     Ok(stored)
 }
 
-/// Creates or moves forward every run that got a new event. Returns each one's final status.
+/// Creates or moves forward every run that got a new event: one statement reads them, one
+/// writes them. Returns each one's final status.
 async fn apply_run_changes(
     connection: &mut SqliteConnection,
     plan: &BatchPlan<'_>,
@@ -230,13 +290,18 @@ async fn apply_run_changes(
         changes.iter().map(|change| change.message_id.as_str()),
     )
     .await?;
-    let mut final_status = HashMap::with_capacity(changes.len());
-    for change in &changes {
-        let run = RunState::advanced(stored.remove(&change.message_id), change);
-        write_run(&mut *connection, &change.message_id, &run).await?;
-        final_status.insert(change.message_id.clone(), run.status);
-    }
-    Ok(final_status)
+    let runs: Vec<(&str, RunState)> = changes
+        .iter()
+        .map(|change| {
+            let run = RunState::advanced(stored.remove(&change.message_id), change);
+            (change.message_id.as_str(), run)
+        })
+        .collect();
+    write_runs(&mut *connection, &runs).await?;
+    Ok(runs
+        .into_iter()
+        .map(|(message_id, run)| (message_id.to_owned(), run.status))
+        .collect())
 }
 
 /// The stored state of the runs named, by message_id (one statement for a whole batch).
@@ -266,48 +331,55 @@ async fn read_runs<'a>(
         .collect()
 }
 
-/// Stores a run as [`RunState`] decided it, creating it if it is new. Only called inside a
-/// write transaction that read the run first, so no other writer can come in between: nothing
-/// is left to decide here.
-async fn write_run(
+/// Stores runs as [`RunState`] decided them, creating those that are new, with one statement
+/// per [`ROWS_PER_STATEMENT`] runs. Only called inside a write transaction that read the runs
+/// first, so no other writer can come in between: nothing is left to decide here.
+async fn write_runs(
     connection: &mut SqliteConnection,
-    message_id: &str,
-    run: &RunState,
+    runs: &[(&str, RunState)],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "insert into runs (message_id, workflow_id, status, status_rank, created_at, \
-                           updated_at, completed_at, expires_at, result, assets_url, error, \
-                           triggered_here, workflow_params) \
-         values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-         on conflict (message_id) do update set \
-             workflow_id = excluded.workflow_id, \
-             status = excluded.status, \
-             status_rank = excluded.status_rank, \
-             created_at = excluded.created_at, \
-             updated_at = excluded.updated_at, \
-             completed_at = excluded.completed_at, \
-             expires_at = excluded.expires_at, \
-             result = excluded.result, \
-             assets_url = excluded.assets_url, \
-             error = excluded.error, \
-             triggered_here = excluded.triggered_here, \
-             workflow_params = excluded.workflow_params",
-    )
-    .bind(message_id)
-    .bind(&run.workflow_id)
-    .bind(&run.status)
-    .bind(run.rank().as_i16())
-    .bind(time_text(run.created_at))
-    .bind(time_text(run.updated_at))
-    .bind(run.completed_at.map(time_text))
-    .bind(run.expires_at.map(time_text))
-    .bind(&run.result)
-    .bind(&run.assets_url)
-    .bind(&run.error)
-    .bind(run.triggered_here)
-    .bind(&run.workflow_params)
-    .execute(&mut *connection)
-    .await?;
+    for chunk in runs.chunks(ROWS_PER_STATEMENT) {
+        let mut statement = QueryBuilder::<Sqlite>::new(
+            "insert into runs (message_id, workflow_id, status, status_rank, created_at, \
+                               updated_at, completed_at, expires_at, result, assets_url, error, \
+                               triggered_here, workflow_params) ",
+        );
+        statement.push_values(chunk, |mut row, (message_id, run)| {
+            row.push_bind(*message_id)
+                .push_bind(run.workflow_id.as_deref())
+                .push_bind(run.status.as_str())
+                .push_bind(run.rank().as_i16())
+                .push_bind(time_text(run.created_at))
+                .push_bind(time_text(run.updated_at))
+                .push_bind(run.completed_at.map(time_text))
+                .push_bind(run.expires_at.map(time_text))
+                .push_bind(run.result.as_deref())
+                .push_bind(run.assets_url.as_deref())
+                .push_bind(run.error.as_deref())
+                .push_bind(run.triggered_here)
+                .push_bind(run.workflow_params.as_deref());
+        });
+        statement.push(
+            " on conflict (message_id) do update set \
+                 workflow_id = excluded.workflow_id, \
+                 status = excluded.status, \
+                 status_rank = excluded.status_rank, \
+                 created_at = excluded.created_at, \
+                 updated_at = excluded.updated_at, \
+                 completed_at = excluded.completed_at, \
+                 expires_at = excluded.expires_at, \
+                 result = excluded.result, \
+                 assets_url = excluded.assets_url, \
+                 error = excluded.error, \
+                 triggered_here = excluded.triggered_here, \
+                 workflow_params = excluded.workflow_params",
+        );
+        statement
+            .build()
+            .persistent(false)
+            .execute(&mut *connection)
+            .await?;
+    }
     Ok(())
 }
 
@@ -534,7 +606,7 @@ impl Store for SqliteStore {
         let mut tx = self.writer.begin_with("begin immediate").await?;
         let mut stored = read_runs(&mut tx, std::iter::once(run.message_id.as_str())).await?;
         let state = RunState::triggered(stored.remove(&run.message_id), run);
-        write_run(&mut tx, &run.message_id, &state).await?;
+        write_runs(&mut tx, &[(run.message_id.as_str(), state)]).await?;
         tx.commit().await?;
         Ok(())
     }
