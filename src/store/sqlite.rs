@@ -11,8 +11,9 @@
 //! Every statement is a round trip to the thread that owns the connection, and on a busy machine
 //! each one waits to be scheduled: that wait, not SQLite, was most of the cost of a batch. So a
 //! batch is written with one multi-row statement per step, whatever its size: insert the events,
-//! read and update the stored ones it repeats (only when there are any), read the runs, write
-//! them; with `begin` and `commit`, five to seven round trips per batch.
+//! count the copies of stored ones it repeats (only when there are any; one more statement when
+//! some of their bodies differ), read the runs, write them; with `begin` and `commit`, five or
+//! six round trips per batch.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -218,8 +219,9 @@ async fn insert_events(
     Ok(inserted)
 }
 
-/// Adds every copy of an existing event to its counters: one statement reads the stored events
-/// of every group that was not inserted, one updates them (per [`ROWS_PER_STATEMENT`] groups).
+/// Adds every copy of an existing event to its counters. One statement counts the copies of
+/// every group that was not inserted and returns the stored body's hash; only when some copy's
+/// body differs from it does a second one count those (per [`ROWS_PER_STATEMENT`] groups).
 /// Returns, per group that was not inserted, the stored body's hash (to tell identical copies
 /// from differing ones).
 async fn count_duplicates(
@@ -230,18 +232,26 @@ async fn count_duplicates(
     let mut stored = vec![None; plan.groups.len()];
     let existing: Vec<usize> = (0..plan.groups.len()).filter(|&g| !inserted[g]).collect();
     for chunk in existing.chunks(ROWS_PER_STATEMENT) {
-        let mut select =
-            QueryBuilder::<Sqlite>::new("select v.column1, events.id, events.body_sha256 from (");
-        select.push_values(chunk, |mut row, &g| {
-            let first = plan.first(&plan.groups[g]);
-            row.push_bind(g as i64)
-                .push_bind(first.message_id.as_str())
-                .push_bind(first.status.as_str());
-        });
-        select.push(
-            ") as v join events on events.message_id = v.column2 and events.status = v.column3",
+        let mut count = QueryBuilder::<Sqlite>::new(
+            "update events \
+             set duplicates = duplicates + v.column3, \
+                 last_received_at = max(last_received_at, v.column4) \
+             from (",
         );
-        let rows: Vec<(i64, i64, Vec<u8>)> = select
+        count.push_values(chunk, |mut row, &g| {
+            let group = &plan.groups[g];
+            let first = plan.first(group);
+            row.push_bind(first.message_id.as_str())
+                .push_bind(first.status.as_str())
+                .push_bind(plan.copies(group).count() as i64)
+                .push_bind(time_text(plan.last_received_at(group)));
+        });
+        // `returning` may only name the updated table: rows are found by key.
+        count.push(
+            ") as v where events.message_id = v.column1 and events.status = v.column2 \
+             returning events.message_id, events.status, events.id, events.body_sha256",
+        );
+        let rows: Vec<(String, String, i64, Vec<u8>)> = count
             .build_query_as()
             .persistent(false)
             .fetch_all(&mut *connection)
@@ -250,19 +260,32 @@ async fn count_duplicates(
         if rows.len() != chunk.len() {
             return Err(sqlx::Error::RowNotFound);
         }
+        let by_key: HashMap<(&str, &str), usize> = chunk
+            .iter()
+            .map(|&g| {
+                let first = plan.first(&plan.groups[g]);
+                ((first.message_id.as_str(), first.status.as_str()), g)
+            })
+            .collect();
+        let mut differing: Vec<(i64, i64)> = Vec::new();
+        for (message_id, status, id, stored_sha256) in &rows {
+            let Some(&g) = by_key.get(&(message_id.as_str(), status.as_str())) else {
+                return Err(sqlx::Error::RowNotFound);
+            };
+            let copies = plan.differing_copies(&plan.groups[g], stored_sha256) as i64;
+            if copies > 0 {
+                differing.push((*id, copies));
+            }
+            stored[g] = <[u8; 32]>::try_from(stored_sha256.as_slice()).ok();
+        }
+        if differing.is_empty() {
+            continue;
+        }
         let mut update = QueryBuilder::<Sqlite>::new(
-            "update events \
-             set duplicates = duplicates + v.column2, \
-                 differing_duplicates = differing_duplicates + v.column3, \
-                 last_received_at = max(last_received_at, v.column4) \
-             from (",
+            "update events set differing_duplicates = differing_duplicates + v.column2 from (",
         );
-        update.push_values(&rows, |mut row, (g, id, stored_sha256)| {
-            let group = &plan.groups[*g as usize];
-            row.push_bind(*id)
-                .push_bind(plan.copies(group).count() as i64)
-                .push_bind(plan.differing_copies(group, stored_sha256) as i64)
-                .push_bind(time_text(plan.last_received_at(group)));
+        update.push_values(&differing, |mut row, (id, copies)| {
+            row.push_bind(*id).push_bind(*copies);
         });
         update.push(") as v where events.id = v.column1");
         update
@@ -270,9 +293,6 @@ async fn count_duplicates(
             .persistent(false)
             .execute(&mut *connection)
             .await?;
-        for (g, _, stored_sha256) in rows {
-            stored[g as usize] = <[u8; 32]>::try_from(stored_sha256.as_slice()).ok();
-        }
     }
     Ok(stored)
 }
