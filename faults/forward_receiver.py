@@ -56,7 +56,7 @@ class Receiver:
                 self.send_header("content-length", "0")
                 self.end_headers()
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server = _QuietServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -133,6 +133,12 @@ class Receiver:
             if run not in best or best[run][0] < number:
                 best[run] = (number, envelope["data"]["status"])
         return {run: status for run, (_, status) in best.items()}
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    # A sender killed mid-request resets its connection: expected here, not worth a traceback.
+    def handle_error(self, request, client_address):
+        pass
 
 
 def _free_port():

@@ -26,7 +26,7 @@ use crate::callbacks::budget::BodyBudget;
 use crate::callbacks::ingest::{Ingest, Writers};
 use crate::callbacks::signature::WebhookKeys;
 use crate::config::Settings;
-use crate::forward::ForwardWake;
+use crate::forward::{ForwardWake, Forwarding};
 use crate::http::auth::{self, ApiTokens};
 use crate::http::middleware::{
     drop_invalid_request_id, log_server_errors, make_span, method_not_allowed, not_found,
@@ -34,7 +34,7 @@ use crate::http::middleware::{
 };
 use crate::http::readiness::Readiness;
 use crate::http::scrape::Scrape;
-use crate::http::{callbacks, ops, runs, AppState};
+use crate::http::{callbacks, forwarding, ops, runs, AppState};
 use crate::nen::NenClient;
 use crate::runs::stuck::{self, StuckRule};
 use crate::runs::{feed_listener, waiters::Waiters};
@@ -51,6 +51,8 @@ pub struct Application {
     shutdown_delay: Duration,
     shutdown_timeout: Duration,
     draining: CancellationToken,
+    /// Delivery to the forwarding targets, when any is configured.
+    forwarding: Option<Forwarding>,
 }
 
 impl Application {
@@ -100,11 +102,24 @@ impl Application {
             &settings.ingest,
             store_timeout,
             waiters.clone(),
+            forward_wake.clone(),
         );
         let draining = CancellationToken::new();
+        let forwarding = Forwarding::start(
+            store.clone(),
+            &settings.forward,
+            StuckRule::new(settings.runs.stuck_after),
+            &forward_wake,
+        )
+        .context("cannot start forwarding")?;
         // Both stop when the listener closes: waiters are answered then, and a replica that
         // is stopping has no gauge left to refresh.
-        feed_listener::spawn(store.clone(), waiters.clone(), draining.clone());
+        feed_listener::spawn(
+            store.clone(),
+            waiters.clone(),
+            forward_wake.clone(),
+            draining.clone(),
+        );
         stuck::spawn_gauge(
             store.clone(),
             StuckRule::new(settings.runs.stuck_after),
@@ -167,6 +182,7 @@ impl Application {
             shutdown_delay: http.shutdown_delay,
             shutdown_timeout: http.shutdown_timeout,
             draining,
+            forwarding,
         })
     }
 
@@ -199,6 +215,7 @@ impl Application {
             shutdown_delay,
             shutdown_timeout,
             draining,
+            forwarding,
         } = self;
         let upkeep = crate::telemetry::spawn_upkeep();
         tracing::info!(address = %public.local_addr(), "nen-relay listening");
@@ -219,7 +236,14 @@ impl Application {
         );
         // The listeners are closed: requests that would wait answer at once.
         draining.cancel();
+        let deadline = tokio::time::Instant::now() + shutdown_timeout;
         shutdown::drain(graceful, writers, shutdown_timeout).await;
+        // Forwarding goes on while requests drain, so that the changes the writers commit last
+        // are sent at once rather than after a restart; then it gets what is left of the
+        // shutdown timeout for the sends in flight (leases cover any it cuts off).
+        if let Some(forwarding) = forwarding {
+            forwarding.stop(deadline).await;
+        }
         upkeep.abort();
         tracing::info!("stopped");
         Ok(())
@@ -236,6 +260,13 @@ pub fn public_router(state: AppState, endpoints: OpsEndpoints, with_metrics: boo
         .route("/runs", get(runs::list_runs).post(runs::start_run))
         .route("/runs/{message_id}", get(runs::get_run))
         .route("/runs/{message_id}/events", get(runs::list_events))
+        .route("/forwarding", get(forwarding::list_targets))
+        .route("/forwarding/{name}/failed", get(forwarding::list_failed))
+        .route(
+            "/forwarding/{name}/retry-failed",
+            post(forwarding::retry_failed),
+        )
+        .route("/forwarding/{name}/replay", post(forwarding::replay))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -1,5 +1,7 @@
 //! Command-line definitions, and the subcommands that are not the server itself.
 
+pub mod forward;
+pub mod server;
 pub mod wait;
 
 use std::io::Read;
@@ -43,6 +45,12 @@ pub enum Command {
     /// Wait until a run is terminal and print it. Exit 0: success; 1: failed or any other
     /// terminal status; 2: --timeout passed first; 3: no answer (bad token, bad request).
     Wait(wait::WaitArgs),
+    /// Forwarding, asked of a running server (NEN_RELAY_URL, NEN_RELAY_TOKEN): each target's
+    /// queue, its failed messages, sending them again, replaying a window. Exit 0: done; 1: the
+    /// server refused (unknown target, bad time or token; the message says which); 2: a bad
+    /// command line; 3: no answer (not reachable, or a 5xx), worth retrying.
+    #[command(subcommand_required = true)]
+    Forward(forward::ForwardArgs),
 }
 
 #[derive(Debug, Args)]

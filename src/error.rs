@@ -172,6 +172,17 @@ impl From<crate::runs::query::QueryError> for ApiError {
     }
 }
 
+impl From<crate::forward::admin::AdminError> for ApiError {
+    fn from(error: crate::forward::admin::AdminError) -> Self {
+        use crate::forward::admin::AdminError;
+        match error {
+            AdminError::TargetNotFound(_) => ApiError::NotFound(error.to_string()),
+            AdminError::InvalidRequest(message) => ApiError::InvalidRequest(message),
+            AdminError::Store(error) => ApiError::from(error),
+        }
+    }
+}
+
 impl From<crate::callbacks::CallbackError> for ApiError {
     fn from(error: crate::callbacks::CallbackError) -> Self {
         use crate::callbacks::CallbackError;

@@ -28,6 +28,7 @@ fn main() -> ExitCode {
             Command::CheckConfig => nen_relay::cli::check_config().map(|()| ExitCode::SUCCESS),
             // Its exit code says how the run ended, and it reports its own errors.
             Command::Wait(args) => Ok(nen_relay::cli::wait::run(args).await),
+            Command::Forward(args) => Ok(nen_relay::cli::forward::run(args).await),
         }
     });
     match outcome {

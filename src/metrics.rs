@@ -138,6 +138,28 @@ pub fn describe_all() {
         RETENTION_SWEEPS_TOTAL,
         "Retention sweeps by outcome: done, skipped (another replica was sweeping), failed."
     );
+    describe_gauge!(
+        FORWARD_PENDING,
+        Unit::Count,
+        "Messages waiting to be forwarded, by target (database-wide, counted every 15 s; \
+         aggregate replicas with max)."
+    );
+    describe_gauge!(
+        FORWARD_OLDEST_PENDING_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest message waiting to be forwarded, by target (0 when none; counted \
+         every 15 s)."
+    );
+    describe_counter!(
+        FORWARD_DELIVERIES_TOTAL,
+        "Attempts to forward a message, by target and outcome: delivered, retried, failed \
+         (out of forward.max_age)."
+    );
+    describe_histogram!(
+        FORWARD_LAG_SECONDS,
+        Unit::Seconds,
+        "Time from a change's commit to its delivery to a target, by target."
+    );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -157,6 +179,10 @@ pub const WEBHOOK_BUDGET_EXHAUSTED_TOTAL: &str = "nen_relay_webhook_budget_exhau
 pub const WEBHOOK_INFLIGHT_BODY_BYTES: &str = "nen_relay_webhook_inflight_body_bytes";
 pub const RETENTION_SWEPT_TOTAL: &str = "nen_relay_retention_swept_total";
 pub const RETENTION_SWEEPS_TOTAL: &str = "nen_relay_retention_sweeps_total";
+pub const FORWARD_PENDING: &str = "nen_relay_forward_pending";
+pub const FORWARD_OLDEST_PENDING_SECONDS: &str = "nen_relay_forward_oldest_pending_seconds";
+pub const FORWARD_DELIVERIES_TOTAL: &str = "nen_relay_forward_deliveries_total";
+pub const FORWARD_LAG_SECONDS: &str = "nen_relay_forward_lag_seconds";
 
 /// How a callback was answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -350,4 +376,31 @@ impl SweepOutcome {
 
 pub fn record_retention_sweep(outcome: SweepOutcome) {
     counter!(RETENTION_SWEEPS_TOTAL, "outcome" => outcome.as_str()).increment(1);
+}
+
+/// A target's queue, as the gauge task last counted it.
+pub fn set_forward_queue(target: &str, pending: u64, oldest_pending_seconds: f64) {
+    gauge!(FORWARD_PENDING, "target" => target.to_owned()).set(pending as f64);
+    gauge!(FORWARD_OLDEST_PENDING_SECONDS, "target" => target.to_owned())
+        .set(oldest_pending_seconds);
+}
+
+/// One recorded attempt to forward a message; `lag` runs from the change's commit to the end
+/// of the attempt, and is recorded for deliveries only.
+pub fn record_forward_attempt(
+    target: &str,
+    outcome: &crate::store::AttemptOutcome,
+    lag: std::time::Duration,
+) {
+    use crate::store::AttemptOutcome;
+    let label = match outcome {
+        AttemptOutcome::Delivered => "delivered",
+        AttemptOutcome::Retry { .. } => "retried",
+        AttemptOutcome::Failed { .. } => "failed",
+    };
+    counter!(FORWARD_DELIVERIES_TOTAL, "target" => target.to_owned(), "outcome" => label)
+        .increment(1);
+    if *outcome == AttemptOutcome::Delivered {
+        histogram!(FORWARD_LAG_SECONDS, "target" => target.to_owned()).record(lag.as_secs_f64());
+    }
 }

@@ -49,6 +49,16 @@ pub fn prometheus() -> &'static PrometheusHandle {
                     &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
                 )
             })
+            .and_then(|builder| {
+                // From a blink to a day: a target that was down makes lags of hours.
+                builder.set_buckets_for_metric(
+                    Matcher::Full(crate::metrics::FORWARD_LAG_SECONDS.to_owned()),
+                    &[
+                        0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+                        3600.0, 21600.0, 86400.0,
+                    ],
+                )
+            })
             .expect("bucket lists are non-empty");
         let recorder = builder.build_recorder();
         let handle = recorder.handle();

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinSet;
 
 use crate::config::IngestSettings;
+use crate::forward::ForwardWake;
 use crate::metrics;
 use crate::runs::waiters::Waiters;
 use crate::store::{feed, Delivery, DeliveryOutcome, Store, StoreError};
@@ -62,12 +63,15 @@ impl Ingest {
     }
 
     /// Starts the writers. After each commit they wake this process's `waiters` of the runs
-    /// it made terminal (other replicas hear of it through the store's terminal-run feed).
+    /// it made terminal, and its forwarding workers (`forward_wake`) when a delivery was new,
+    /// since the commit may have queued messages; other replicas hear of both through the
+    /// store's feed.
     pub fn start(
         store: Arc<dyn Store>,
         settings: &IngestSettings,
         store_timeout: Duration,
         waiters: Waiters,
+        forward_wake: ForwardWake,
     ) -> (Ingest, Writers) {
         let (queue, receiver) = mpsc::channel(settings.queue_capacity);
         let receiver = Arc::new(Mutex::new(receiver));
@@ -79,6 +83,7 @@ impl Ingest {
                 max_batch: settings.max_batch,
                 store_timeout,
                 waiters: waiters.clone(),
+                forward_wake: forward_wake.clone(),
             };
             tasks.spawn(writer.run());
         }
@@ -110,6 +115,7 @@ struct Writer {
     max_batch: usize,
     store_timeout: Duration,
     waiters: Waiters,
+    forward_wake: ForwardWake,
 }
 
 impl Writer {
@@ -142,6 +148,7 @@ impl Writer {
         match result {
             Ok(outcomes) => {
                 self.waiters.wake(feed::terminal_message_ids(&deliveries));
+                self.wake_forwarding(&outcomes);
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }
@@ -157,7 +164,10 @@ impl Writer {
                         .await
                         .map(|mut outcomes| outcomes.remove(0));
                     match &result {
-                        Ok(_) => self.waiters.wake(feed::terminal_message_ids(single)),
+                        Ok(outcome) => {
+                            self.waiters.wake(feed::terminal_message_ids(single));
+                            self.wake_forwarding(std::slice::from_ref(outcome));
+                        }
                         Err(error) => metrics::record_ingest_failure(failure_reason(error)),
                     }
                     let _ = reply.send(result);
@@ -175,6 +185,14 @@ impl Writer {
 }
 
 impl Writer {
+    /// Only a delivery that is not a duplicate can have changed a run, and so queued messages.
+    /// Called before the answers go out: a caller that was answered finds the workers woken.
+    fn wake_forwarding(&self, outcomes: &[DeliveryOutcome]) {
+        if outcomes.iter().any(|outcome| !outcome.duplicate) {
+            self.forward_wake.wake_all();
+        }
+    }
+
     async fn record(&self, deliveries: &[Delivery]) -> Result<Vec<DeliveryOutcome>, StoreError> {
         match tokio::time::timeout(self.store_timeout, self.store.record_deliveries(deliveries))
             .await

@@ -15,6 +15,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use url::Url;
 
+use super::server::ServerArgs;
 use crate::runs::status::StatusRank;
 use crate::runs::wait::MAX_WAIT_SECONDS;
 
@@ -37,12 +38,8 @@ pub struct WaitArgs {
     /// Give up after this long: `90s`, `10m`, `2h`.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
-    /// nen-relay's base URL.
-    #[arg(long, env = "NEN_RELAY_URL", default_value = "http://127.0.0.1:8080")]
-    pub url: Url,
-    /// Bearer token for /v1. Default: NEN_RELAY_TOKEN, else the first of NEN_RELAY_API_TOKENS.
-    #[arg(long, env = "NEN_RELAY_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
 /// How a wait ended.
@@ -91,12 +88,7 @@ pub async fn run(args: WaitArgs) -> ExitCode {
 }
 
 async fn wait(args: &WaitArgs) -> anyhow::Result<Ended> {
-    let token = args
-        .token
-        .clone()
-        .filter(|token| !token.is_empty())
-        .or_else(first_api_token)
-        .context("give --token, or set NEN_RELAY_TOKEN (or NEN_RELAY_API_TOKENS)")?;
+    let token = args.server.token()?;
     let client = reqwest::Client::new();
     let deadline = Instant::now() + args.timeout;
     let mut last = None;
@@ -106,7 +98,7 @@ async fn wait(args: &WaitArgs) -> anyhow::Result<Ended> {
             return Ok(Ended::TimedOut { last });
         }
         let seconds = remaining.as_secs().clamp(1, MAX_WAIT_SECONDS);
-        let url = run_url(&args.url, &args.message_id, seconds)?;
+        let url = run_url(&args.server, &args.message_id, seconds)?;
         let answer = client
             .get(url.clone())
             .bearer_auth(&token)
@@ -151,26 +143,11 @@ async fn wait(args: &WaitArgs) -> anyhow::Result<Ended> {
 }
 
 /// `<base>/v1/runs/<message_id>?wait=<seconds>`, the id encoded as one path segment.
-fn run_url(base: &Url, message_id: &str, seconds: u64) -> anyhow::Result<Url> {
-    let mut url = base.clone();
-    url.path_segments_mut()
-        .map_err(|()| anyhow::anyhow!("--url {base} cannot be a base URL"))?
-        .pop_if_empty()
-        .extend(["v1", "runs", message_id]);
+fn run_url(server: &ServerArgs, message_id: &str, seconds: u64) -> anyhow::Result<Url> {
+    let mut url = server.endpoint(["v1", "runs", message_id])?;
     url.query_pairs_mut()
-        .clear()
         .append_pair("wait", &seconds.to_string());
     Ok(url)
-}
-
-/// The first of `NEN_RELAY_API_TOKENS`, for a script that runs beside the server.
-fn first_api_token() -> Option<String> {
-    std::env::var("NEN_RELAY_API_TOKENS")
-        .ok()?
-        .split(',')
-        .map(str::trim)
-        .find(|token| !token.is_empty())
-        .map(str::to_owned)
 }
 
 async fn pause(deadline: Instant) {
@@ -183,14 +160,20 @@ mod tests {
 
     #[test]
     fn the_run_url_encodes_the_id_as_one_segment() {
-        let base = Url::parse("http://127.0.0.1:8080").unwrap();
+        let server = |url: &str| ServerArgs {
+            url: Url::parse(url).unwrap(),
+            token: None,
+        };
         assert_eq!(
-            run_url(&base, "a/b c", 60).unwrap().as_str(),
+            run_url(&server("http://127.0.0.1:8080"), "a/b c", 60)
+                .unwrap()
+                .as_str(),
             "http://127.0.0.1:8080/v1/runs/a%2Fb%20c?wait=60"
         );
-        let prefixed = Url::parse("https://relay.example/prefix/").unwrap();
         assert_eq!(
-            run_url(&prefixed, "m-1", 5).unwrap().as_str(),
+            run_url(&server("https://relay.example/prefix/"), "m-1", 5)
+                .unwrap()
+                .as_str(),
             "https://relay.example/prefix/v1/runs/m-1?wait=5"
         );
     }

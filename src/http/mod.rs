@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod callbacks;
 pub mod extract;
+pub mod forwarding;
 pub mod middleware;
 pub mod openapi;
 pub mod ops;

@@ -37,6 +37,10 @@ Every answer carries `x-request-id`, kept from the request when it is 1-128 char
         super::runs::list_runs,
         super::runs::get_run,
         super::runs::list_events,
+        super::forwarding::list_targets,
+        super::forwarding::list_failed,
+        super::forwarding::retry_failed,
+        super::forwarding::replay,
         super::ops::healthz,
         super::ops::readyz,
         super::ops::metrics,
@@ -46,6 +50,7 @@ Every answer carries `x-request-id`, kept from the request when it is 1-128 char
     tags(
         (name = "callbacks", description = "Nen's signed callbacks"),
         (name = "runs", description = "Starting and reading runs (bearer token)"),
+        (name = "forwarding", description = "Forwarding run changes to your systems: queues, failed messages, retry and replay (bearer token)"),
         (name = "operations", description = "Health, readiness, metrics and this document (no auth)"),
     )
 )]
@@ -231,6 +236,10 @@ mod tests {
             "/v1/runs",
             "/v1/runs/{message_id}",
             "/v1/runs/{message_id}/events",
+            "/v1/forwarding",
+            "/v1/forwarding/{name}/failed",
+            "/v1/forwarding/{name}/retry-failed",
+            "/v1/forwarding/{name}/replay",
             "/healthz",
             "/readyz",
             "/metrics",

@@ -67,7 +67,7 @@ pub async fn start_run(
             .map(|value| Bytes::copy_from_slice(value.as_bytes())),
     };
     let policy = StartPolicy::from_settings(&state.settings);
-    RunStarter::new(state.store, state.nen, policy)
+    RunStarter::new(state.store, state.nen, policy, state.forward_wake)
         .start(input)
         .await
         .map(started)

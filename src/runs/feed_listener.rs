@@ -1,9 +1,10 @@
 //! Keeps this process subscribed to the terminal-run feed (PostgreSQL: one `LISTEN`
-//! connection per process), and wakes the waiters each announcement names.
+//! connection per process), and wakes the waiters each announcement names, and the forwarding
+//! workers when another replica queued messages.
 //!
 //! A lost subscription is opened again with backoff (doubling from [`FIRST_BACKOFF`] up to
-//! [`MAX_BACKOFF`]); once it is back, every waiter reads its run again, since announcements
-//! made in between were missed. Meanwhile waiters still wake on this process's own commits and
+//! [`MAX_BACKOFF`]); once it is back, every waiter reads its run again and every forwarding
+//! worker looks for due messages, since announcements made in between were missed. Meanwhile waiters still wake on this process's own commits and
 //! on their own slow re-read (`query.wait_recheck`).
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::waiters::Waiters;
+use crate::forward::ForwardWake;
 use crate::metrics;
 use crate::store::{FeedEvent, Store};
 
@@ -22,17 +24,18 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 pub fn spawn(
     store: Arc<dyn Store>,
     waiters: Waiters,
+    forward_wake: ForwardWake,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         tokio::select! {
-            () = listen(store.as_ref(), &waiters) => {}
+            () = listen(store.as_ref(), &waiters, &forward_wake) => {}
             () = stop.cancelled() => {}
         }
     })
 }
 
-async fn listen(store: &dyn Store, waiters: &Waiters) {
+async fn listen(store: &dyn Store, waiters: &Waiters, forward_wake: &ForwardWake) {
     let mut backoff = FIRST_BACKOFF;
     let mut lost = false;
     loop {
@@ -40,7 +43,7 @@ async fn listen(store: &dyn Store, waiters: &Waiters) {
             Ok(None) => return,
             Ok(Some(mut feed)) => {
                 if lost {
-                    resumed(waiters);
+                    resumed(waiters, forward_wake);
                 }
                 backoff = FIRST_BACKOFF;
                 loop {
@@ -52,7 +55,8 @@ async fn listen(store: &dyn Store, waiters: &Waiters) {
                             let rechecked = waiters.wake_all();
                             tracing::debug!(rechecked, "the terminal-run feed woke every waiter");
                         }
-                        Ok(FeedEvent::Resumed) => resumed(waiters),
+                        Ok(FeedEvent::Resumed) => resumed(waiters, forward_wake),
+                        Ok(FeedEvent::ForwardQueued) => forward_wake.wake_all(),
                         Err(error) => {
                             tracing::warn!(%error, "terminal-run feed lost; reconnecting");
                             break;
@@ -71,8 +75,9 @@ async fn listen(store: &dyn Store, waiters: &Waiters) {
 }
 
 /// The feed is back after a gap in which announcements may have been missed.
-fn resumed(waiters: &Waiters) {
+fn resumed(waiters: &Waiters, forward_wake: &ForwardWake) {
     let rechecked = waiters.wake_all();
+    forward_wake.wake_all();
     metrics::record_feed_reconnect();
     tracing::info!(
         rechecked,

@@ -133,7 +133,8 @@ fn filter(name: &str, value: Option<String>) -> Result<Option<String>, QueryErro
     }
 }
 
-fn parse_limit(text: Option<&str>) -> Result<u32, QueryError> {
+/// A page size: [`DEFAULT_LIMIT`] when absent, else 1 to [`MAX_LIMIT`]. Every listing shares it.
+pub(crate) fn parse_limit(text: Option<&str>) -> Result<u32, QueryError> {
     match text {
         None | Some("") => Ok(DEFAULT_LIMIT),
         Some(text) => text

@@ -25,6 +25,7 @@ use url::Url;
 
 use super::idempotency::{self, FingerprintKey, IdempotencyKey};
 use crate::config::Settings;
+use crate::forward::ForwardWake;
 use crate::metrics::{self, TriggerOutcome};
 use crate::nen::{NenClient, NenError, NotConfigured, PreparedRun, RunRequest, SecureParams};
 use crate::store::{ClaimOutcome, Store, StoreError, TriggeredRun};
@@ -138,6 +139,8 @@ pub struct RunStarter {
     store: Arc<dyn Store>,
     nen: NenClient,
     policy: StartPolicy,
+    /// Woken once a run is recorded: a new run queues forwarding messages.
+    forward_wake: ForwardWake,
 }
 
 impl Submitted {
@@ -244,8 +247,18 @@ impl StartRequest {
 }
 
 impl RunStarter {
-    pub fn new(store: Arc<dyn Store>, nen: NenClient, policy: StartPolicy) -> Self {
-        Self { store, nen, policy }
+    pub fn new(
+        store: Arc<dyn Store>,
+        nen: NenClient,
+        policy: StartPolicy,
+        forward_wake: ForwardWake,
+    ) -> Self {
+        Self {
+            store,
+            nen,
+            policy,
+            forward_wake,
+        }
     }
 
     /// Starts the run `input` asks for, or replays the answer kept for its `Idempotency-Key`.
@@ -369,9 +382,12 @@ impl RunStarter {
                 .then(|| Value::Object(request.workflow_params.clone()).to_string()),
             created_at: Utc::now(),
         };
-        if let Err(error) = self.store.record_triggered_run(&run).await {
+        match self.store.record_triggered_run(&run).await {
+            Ok(()) => self.forward_wake.wake_all(),
             // The run exists on Nen whatever happens here: its callbacks will create the record.
-            tracing::error!(%message_id, %error, "Nen accepted the run, but recording it failed");
+            Err(error) => {
+                tracing::error!(%message_id, %error, "Nen accepted the run, but recording it failed");
+            }
         }
         Ok(Submitted::new(message_id, workflow_id.to_owned()))
     }

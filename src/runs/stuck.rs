@@ -9,17 +9,21 @@
 //! [`GAUGE_INTERVAL`], never per scrape, and counts no further than [`GAUGE_CAP`]: both through
 //! the partial index of unfinished runs, so a scrape costs nothing and a count costs what the
 //! unfinished runs do, however many finished runs are kept.
+//!
+//! Each stuck run is forwarded once as `run.stuck` (SPEC, "Stuck runs") by `forward::stuck`,
+//! every [`GAUGE_INTERVAL`] too, through `Outbox::queue_stuck_runs`: the store marks the run
+//! when it queues the message, in the same transaction, and the mark is cleared when the run
+//! changes again, so "once" holds across restarts and replicas.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
 use crate::runs::status::StatusRank;
-use crate::store::{Run, Store, StoreError};
+use crate::store::{Run, Store};
 
 /// How often the gauge is refreshed.
 pub const GAUGE_INTERVAL: Duration = Duration::from_secs(30);
@@ -80,21 +84,6 @@ pub fn spawn_gauge(
             }
         }
     })
-}
-
-/// Where stuck runs are to go once forwarding exists (SPEC, "Stuck runs": "each stuck run is
-/// forwarded once as `run.stuck`"). Not built yet, and nothing calls it.
-///
-/// What an implementation needs, so that "once" holds across restarts and replicas: a column
-/// on `runs` saying when its stuck message was written (cleared when the run changes again), a
-/// periodic task that selects through `runs_unfinished` the stuck runs without one, and writes
-/// each `run.stuck` message into the forwarding outbox and sets that column in one
-/// transaction, as every forwarded change is written (SPEC, "Forwarding to your systems").
-#[async_trait]
-pub trait StuckRunForwarding: Send + Sync {
-    /// Queues `run.stuck` for `run` (as `GET /v1/runs/{id}` shows it, `"stuck": true`) to every
-    /// forwarding target, unless it was queued already since the run last changed.
-    async fn forward_stuck(&self, run: &Run) -> Result<(), StoreError>;
 }
 
 #[cfg(test)]

@@ -7,8 +7,9 @@
 //!    token is cancelled (long polls answer at once), idle keep-alive connections close, and
 //!    in-flight requests finish.
 //! 4. The ingest writers commit what is queued.
+//! 5. Forwarding stops claiming; sends in flight finish and are recorded (`forward::Forwarding`).
 //!
-//! Steps 3 and 4 share `http.shutdown_timeout`: the whole shutdown takes at most
+//! Steps 3 to 5 share `http.shutdown_timeout`: the whole shutdown takes at most
 //! `shutdown_delay + shutdown_timeout`. A callback still waiting when it runs out was never
 //! acknowledged, so Nen sends it again.
 

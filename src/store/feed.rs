@@ -19,6 +19,11 @@ use super::StoreError;
 /// The PostgreSQL channel of terminal runs.
 pub const CHANNEL: &str = "nen_relay_terminal_runs";
 
+/// The PostgreSQL channel of queued forwarding messages: a commit that queued some notifies it
+/// (empty payload), and every replica with forwarding targets listens on it too, to wake its
+/// delivery workers.
+pub const FORWARD_CHANNEL: &str = "nen_relay_forward";
+
 /// A payload that names no run: every waiter re-reads its run.
 pub const WAKE_ALL: &str = "*";
 
@@ -33,8 +38,11 @@ pub enum FeedEvent {
     /// Every waiter should re-read its run: an announcement named no run.
     WakeAll,
     /// The connection was lost and is back, listening again: announcements made in between
-    /// were missed, so every waiter should re-read its run.
+    /// were missed, so every waiter should re-read its run (and every forwarding worker look
+    /// for due messages).
     Resumed,
+    /// A commit queued forwarding messages ([`FORWARD_CHANNEL`]).
+    ForwardQueued,
 }
 
 /// A live subscription to terminal runs. Dropping it ends the subscription.

@@ -8,6 +8,8 @@
 //!   statuses arrive together, and what each delivery is answered;
 //! - `forward_only`: what a run becomes when callbacks move it or this service starts it, and
 //!   which terminal statuses conflict;
+//! - `changes`: which writes change a run, and the forwarding messages (`outbox`) a change
+//!   queues in its own transaction;
 //! - `claim`: what a claim of an `Idempotency-Key` answers, from what the store found;
 //! - `listing`: which listing statement a query needs, and the page its rows make;
 //! - `rows`: how a selected row becomes a [`Run`] or an [`Event`];
@@ -20,8 +22,11 @@
 //! Rust. The PostgreSQL store writes a batch with one statement, so that statement implements
 //! two of them in SQL (`BatchPlan::run_changes` and `RunState::advanced`), and says so; the
 //! shared behaviour suite, with a property test that feeds both stores the same random batches,
-//! keeps the two equal.
+//! keeps the two equal. With forwarding targets, a PostgreSQL batch is a short transaction
+//! around that statement instead, which locks the runs first to know what changed
+//! (`postgres::RECORD_BATCH`).
 
+mod changes;
 mod claim;
 pub mod feed;
 mod forward_only;
@@ -201,7 +206,8 @@ pub trait Outbox: Send + Sync {
     ) -> Result<u64, StoreError>;
 
     /// When the soonest pending message of `target` can next be claimed (its `next_attempt_at`,
-    /// or the end of its lease), or `None` when nothing is pending.
+    /// or the end of its lease), or `None` when nothing is pending. A message waiting for an
+    /// earlier one of its run is left out: it can only go after that one's outcome.
     async fn next_forward_due(&self, target: &str) -> Result<Option<DateTime<Utc>>, StoreError>;
 
     /// A target's queue: pending, oldest pending, failed, last error.

@@ -19,6 +19,10 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::model::Run;
+use super::rows::StoredText;
+use super::StoreError;
+
 /// `type` of a message.
 pub const STATUS_CHANGED: &str = "run.status_changed";
 pub const STUCK: &str = "run.stuck";
@@ -113,4 +117,62 @@ pub struct FailedPage {
 /// The `webhook-id` of a message: stable across retries and replays.
 pub fn webhook_id(id: i64) -> String {
     format!("msg_{id}")
+}
+
+/// A failed message as both backends select it (`id, event_type, message_id, committed_at,
+/// queued_at, attempts, last_attempt_at, last_error`); only the time type differs.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct FailedRow<Time> {
+    pub id: i64,
+    pub event_type: StoredText,
+    pub message_id: StoredText,
+    pub committed_at: Time,
+    pub queued_at: Time,
+    pub attempts: i32,
+    pub last_attempt_at: Option<Time>,
+    pub last_error: Option<StoredText>,
+}
+
+/// The page from up to `limit + 1` rows fetched newest first: the one past the page only tells
+/// that more follow.
+pub(crate) fn failed_page<Time>(
+    mut rows: Vec<FailedRow<Time>>,
+    limit: u32,
+    time: impl Fn(Time) -> Result<DateTime<Utc>, StoreError>,
+) -> Result<FailedPage, StoreError> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let messages = rows
+        .into_iter()
+        .map(|row| {
+            Ok(FailedMessage {
+                webhook_id: webhook_id(row.id),
+                event_type: row.event_type.into_string(),
+                message_id: row.message_id.into_string(),
+                committed_at: time(row.committed_at)?,
+                queued_at: time(row.queued_at)?,
+                attempts: row.attempts,
+                last_attempt_at: row.last_attempt_at.map(&time).transpose()?,
+                last_error: row.last_error.map(StoredText::into_string),
+                id: row.id,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let next_before = if more {
+        messages.last().map(|message| message.id)
+    } else {
+        None
+    };
+    Ok(FailedPage {
+        messages,
+        next_before,
+    })
+}
+
+/// The `run` of a `run.stuck` message: the run as `GET /v1/runs/{id}` shows it once stuck.
+pub(crate) fn stuck_run_json(mut run: Run) -> Result<String, StoreError> {
+    run.stuck = true;
+    serde_json::to_string(&run)
+        .map_err(|error| StoreError::Internal(format!("a run does not serialize: {error}")))
 }

@@ -3,24 +3,33 @@
 //! A batch of deliveries is written by one statement (`unnest` of arrays, data-modifying CTEs),
 //! which is its own transaction: one round trip and one commit shared by the whole batch. That
 //! statement, and the one that records a triggered run, implement in SQL the rules the SQLite
-//! store runs in Rust (`plan`, `forward_only`); each says which.
+//! store runs in Rust (`plan`, `forward_only`); each says which. With forwarding targets, a
+//! batch is an explicit transaction around that statement, which locks the batch's runs first
+//! so as to know which ones it changed, and queues their messages before it commits
+//! ([`RECORD_BATCH`] says how and why); without targets nothing of that runs.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sha2::{Digest, Sha256};
+use sqlx::postgres::{
+    PgArguments, PgConnectOptions, PgConnection, PgExecutor, PgListener, PgPool, PgPoolOptions,
+};
 use sqlx::query::QueryAs;
 use sqlx::Postgres;
 
+use super::changes;
 use super::claim::ExistingClaim;
 use super::feed::{self, FeedEvent, TerminalRunFeed};
 use super::listing::{Listing, ListingFilter};
 use super::model::*;
-use super::outbox::{FailedPage, FinishedAttempt, Lease, OutboxMessage, TargetQueue};
+use super::outbox::{
+    FailedPage, FinishedAttempt, Lease, OutboxMessage, TargetQueue, STATUS_CHANGED,
+};
 use super::plan::BatchPlan;
 use super::retention::SweepSession;
 use super::rows::{EventRow, RunRow};
@@ -40,6 +49,9 @@ pub struct PostgresStore {
     url_options: PgConnectOptions,
     /// What every pooled connection is opened with; a sweep opens its own connection with it.
     connect: PgConnectOptions,
+    /// `StoreOptions::forward_targets`. With none, a batch is the one statement
+    /// [`RECORD_BATCH`]; with some, a transaction that also queues the changes (see there).
+    forward_targets: Vec<String>,
 }
 
 impl PostgresStore {
@@ -72,6 +84,7 @@ impl PostgresStore {
             listen,
             url_options,
             connect,
+            forward_targets: options.forward_targets.clone(),
         })
     }
 
@@ -109,39 +122,166 @@ impl PostgresStore {
         result.map_err(|error| migrations::failed(error, lock_timeout))
     }
 
+    /// A batch without forwarding: [`RECORD_BATCH`] alone, one round trip.
     async fn try_record(&self, plan: &BatchPlan<'_>) -> Result<Vec<DeliveryOutcome>, sqlx::Error> {
-        let groups = GroupColumns::of(plan);
-        let announcements = feed::payloads(feed::terminal_message_ids(plan.deliveries));
-        let rows: Vec<BatchRow> = groups
-            .bind(sqlx::query_as(RECORD_BATCH))
-            .bind(&announcements)
-            .fetch_all(&self.pool)
-            .await?;
-        let index = group_index(plan);
-        let mut inserted = vec![false; plan.groups.len()];
-        let mut stored_sha256 = vec![None; plan.groups.len()];
-        let mut final_status = HashMap::new();
-        for row in rows {
-            match row.inserted {
-                // A run row: the status the run settled on.
+        let (outcomes, _) = record_batch(&self.pool, plan).await?;
+        Ok(outcomes)
+    }
+
+    /// A batch with forwarding: [`RECORD_BATCH`] in a transaction that also queues the runs it
+    /// changed (see there). `message_ids`: the batch's runs, sorted, each once. `None` when a
+    /// writer that takes no forwarding lock created one of them meanwhile: it exists now, so
+    /// try again.
+    async fn try_record_forwarding(
+        &self,
+        plan: &BatchPlan<'_>,
+        message_ids: &[&str],
+    ) -> Result<Option<Vec<DeliveryOutcome>>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        lock_runs(&mut tx, message_ids.iter().copied()).await?;
+        let before: HashMap<String, String> = sqlx::query_as(READ_STATUSES)
+            .bind(message_ids)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+        let (outcomes, moved) = record_batch(&mut *tx, plan).await?;
+        let mut changed = Vec::new();
+        for (message_id, status) in &moved.final_status {
+            let before = match before.get(message_id) {
+                Some(before) => Some(before.as_str()),
+                None if moved.created.contains(message_id) => None,
                 None => {
-                    final_status.insert(row.message_id, row.status);
+                    tx.rollback().await?;
+                    return Ok(None);
                 }
-                Some(new_event) => {
-                    let key = (row.message_id.as_str(), row.status.as_str());
-                    let Some(&g) = index.get(&key) else {
-                        continue;
-                    };
-                    inserted[g] = new_event;
-                    stored_sha256[g] = row
-                        .stored_body_sha256
-                        .and_then(|hash| <[u8; 32]>::try_from(hash).ok());
-                }
+            };
+            if changes::is_change(before, status) {
+                changed.push(message_id.as_str());
             }
         }
-        let conflicting = plan.conflicting_terminals(&inserted, &final_status);
-        Ok(plan.outcomes(&inserted, &stored_sha256, &conflicting))
+        self.queue_changes(&mut tx, &changed).await?;
+        tx.commit().await?;
+        Ok(Some(outcomes))
     }
+
+    /// Queues a `run.status_changed` message per target for each run named, as it is now in
+    /// the transaction of `connection`, and announces them on `feed::FORWARD_CHANNEL` (at
+    /// commit). Two statements; none when no run is named.
+    async fn queue_changes(
+        &self,
+        connection: &mut PgConnection,
+        message_ids: &[&str],
+    ) -> Result<(), sqlx::Error> {
+        if message_ids.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<RunRow<DateTime<Utc>>> = sqlx::query_as(GET_RUNS)
+            .bind(message_ids)
+            .fetch_all(&mut *connection)
+            .await?;
+        let runs = rows
+            .into_iter()
+            .map(|row| row.into_run(Ok))
+            .collect::<Result<Vec<Run>, StoreError>>()
+            .map_err(|error| sqlx::Error::Decode(Box::new(error)))?;
+        let queued = changes::status_changed(&self.forward_targets, &runs)
+            .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+        let (mut targets, mut queued_ids, mut queued_runs) = (Vec::new(), Vec::new(), Vec::new());
+        for message in &queued {
+            targets.push(message.target);
+            queued_ids.push(message.message_id.as_str());
+            queued_runs.push(message.run.as_str());
+        }
+        sqlx::query(QUEUE_CHANGES)
+            .bind(&targets)
+            .bind(&queued_ids)
+            .bind(&queued_runs)
+            .bind(STATUS_CHANGED)
+            .bind(Utc::now())
+            .bind(feed::FORWARD_CHANNEL)
+            .execute(&mut *connection)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Takes the forwarding locks of the runs named, for the rest of the transaction (see
+/// [`RECORD_BATCH`]): every writer that queues messages takes them before it touches a run, in
+/// one order, so that two such writers never wait on each other in a cycle.
+async fn lock_runs<'a>(
+    connection: &mut PgConnection,
+    message_ids: impl IntoIterator<Item = &'a str>,
+) -> Result<(), sqlx::Error> {
+    let mut keys: Vec<i32> = message_ids
+        .into_iter()
+        .map(|message_id| {
+            let digest = Sha256::digest(message_id.as_bytes());
+            i32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    sqlx::query(LOCK_RUNS)
+        .bind(FORWARD_LOCK_CLASS)
+        .bind(&keys)
+        .execute(connection)
+        .await?;
+    Ok(())
+}
+
+/// Writes a batch with [`RECORD_BATCH`] on `executor`: each delivery's outcome, and the runs
+/// it moved.
+async fn record_batch<'c>(
+    executor: impl PgExecutor<'c>,
+    plan: &BatchPlan<'_>,
+) -> Result<(Vec<DeliveryOutcome>, MovedRuns), sqlx::Error> {
+    let groups = GroupColumns::of(plan);
+    let announcements = feed::payloads(feed::terminal_message_ids(plan.deliveries));
+    let rows: Vec<BatchRow> = groups
+        .bind(sqlx::query_as(RECORD_BATCH))
+        .bind(&announcements)
+        .fetch_all(executor)
+        .await?;
+    let index = group_index(plan);
+    let mut inserted = vec![false; plan.groups.len()];
+    let mut stored_sha256 = vec![None; plan.groups.len()];
+    let mut moved = MovedRuns::default();
+    for row in rows {
+        match row.inserted {
+            // A run row: the status the run settled on.
+            None => {
+                if row.created == Some(true) {
+                    moved.created.insert(row.message_id.clone());
+                }
+                moved.final_status.insert(row.message_id, row.status);
+            }
+            Some(new_event) => {
+                let key = (row.message_id.as_str(), row.status.as_str());
+                let Some(&g) = index.get(&key) else {
+                    continue;
+                };
+                inserted[g] = new_event;
+                stored_sha256[g] = row
+                    .stored_body_sha256
+                    .and_then(|hash| <[u8; 32]>::try_from(hash).ok());
+            }
+        }
+    }
+    let conflicting = plan.conflicting_terminals(&inserted, &moved.final_status);
+    Ok((
+        plan.outcomes(&inserted, &stored_sha256, &conflicting),
+        moved,
+    ))
+}
+
+/// The runs a batch moved.
+#[derive(Default)]
+struct MovedRuns {
+    /// Each one's status after the batch.
+    final_status: HashMap<String, String>,
+    /// Those the batch created.
+    created: HashSet<String>,
 }
 
 /// A row of [`RECORD_BATCH`]: one per group of the batch, then one per run it moved.
@@ -154,6 +294,8 @@ struct BatchRow {
     inserted: Option<bool>,
     /// For a group whose event was already stored: that event's body hash.
     stored_body_sha256: Option<Vec<u8>>,
+    /// For a run: whether the batch created it. Null for a group.
+    created: Option<bool>,
 }
 
 /// A whole batch in one statement, so one round trip and one implicit transaction. `batch` has
@@ -182,9 +324,37 @@ struct BatchRow {
 ///    read it, and never of a batch that rolled back. The last branch's one-time filter is what
 ///    makes the statement evaluate `announced`; it is always true.
 ///
-/// Every group comes back as `(message_id, status, inserted, stored_body_sha256)`, and every
-/// moved run as `(message_id, its final status, null, null)`. Rows are written in key order, so
-/// that concurrent writers lock them in one order.
+/// Every group comes back as `(message_id, status, inserted, stored_body_sha256, null)`, and
+/// every moved run as `(message_id, its final status, null, null, created)`, `created` telling
+/// a run this statement inserted (`xmax = 0`) from one it updated. Rows are written in key
+/// order, so that concurrent writers lock them in one order.
+///
+/// Without forwarding targets this statement is the whole batch. With targets, every change of
+/// a run must queue its messages in the transaction that commits it, and which runs changed
+/// (`changes::is_change`) needs each run's status before the batch, which this statement
+/// cannot return (`on conflict do update ... returning` only sees the new row). So the batch
+/// becomes an explicit transaction (`PostgresStore::try_record_forwarding`):
+/// 1. [`LOCK_RUNS`] takes a transaction-level advisory lock per run of the batch, existing or
+///    not, in key order. Every writer that queues messages (batches, triggered runs) takes them
+///    first, so none of them can touch these runs before this transaction commits.
+/// 2. [`READ_STATUSES`], a statement of its own so that it sees every commit made before the
+///    locks were granted: the statuses the batch starts from.
+/// 3. this statement. A run it updated but 2 did not see was created in between by a writer
+///    that took no lock (a replica without targets): its status before is unknown, so the
+///    transaction rolls back and tries again.
+/// 4. the changed runs are read with [`GET_RUNS`] (the columns of `get_run`), rendered as the
+///    API renders them, and queued with [`QUEUE_CHANGES`], which also notifies
+///    `feed::FORWARD_CHANNEL` (delivered at commit).
+///
+/// Row locks would not do for 1: a run that does not exist yet cannot be locked, and a writer
+/// that locked existing runs before its events would wait on, and be waited on by, a writer
+/// that reaches the same runs through this statement (events first, then runs): deadlocks,
+/// which concurrent tests hit at once. Advisory locks cover absent runs, and are all taken
+/// before anything else, in one order. Because a run's lock is held to the commit, the
+/// messages of one run are inserted, and numbered, in commit order: the order they are sent in.
+///
+/// Round trips: 1 without targets; with targets, 5 (begin, 1, 2, 3, commit), plus 2 for step 4
+/// when the batch changed a run.
 const RECORD_BATCH: &str = "\
 with batch (message_id, status, arrival, status_rank, received_at, last_received_at, payload,
             body_sha256, key_id, repeats, differing_repeats, copy_hashes,
@@ -266,16 +436,17 @@ moved_runs as (
                           then excluded.assets_url else runs.assets_url end,
         error = case when excluded.status_rank > runs.status_rank
                      then excluded.error else runs.error end
-    returning message_id, status),
+    returning message_id, status, xmax = 0 as created),
 announced as (
     select count(*) as sent
     from (select pg_notify('nen_relay_terminal_runs', payload)
           from unnest($18::text[]) as payload) as notifications)
 select message_id, status, inserted,
-       case when inserted then null else body_sha256 end as stored_body_sha256
+       case when inserted then null else body_sha256 end as stored_body_sha256,
+       null::boolean as created
 from recorded_events
 union all
-select message_id, status, null, null
+select message_id, status, null, null, created
 from moved_runs
 where (select sent from announced) >= 0";
 
@@ -404,7 +575,8 @@ fn is_retryable(error: &sqlx::Error) -> bool {
 }
 
 /// Records a run started here: `RunState::triggered` in SQL. A callback may have created the run
-/// already; then it is only marked as ours, and its status never changes.
+/// already; then it is only marked as ours, and its status never changes. Says whether it
+/// created the run (`xmax = 0`): only then is it a change to forward.
 const RECORD_TRIGGERED_RUN: &str = "\
 insert into runs (message_id, workflow_id, status, status_rank, created_at, updated_at,
                   triggered_here, workflow_params)
@@ -413,7 +585,8 @@ on conflict (message_id) do update set
     triggered_here = true,
     workflow_id = coalesce(runs.workflow_id, excluded.workflow_id),
     workflow_params = coalesce(excluded.workflow_params, runs.workflow_params),
-    created_at = least(runs.created_at, excluded.created_at)";
+    created_at = least(runs.created_at, excluded.created_at)
+returning xmax = 0 as created";
 
 /// The columns of a [`RunRow`], selected from `runs`. `conflicting_terminals` follows
 /// `forward_only::terminals_conflict`: the run is terminal, and one of its events has another
@@ -436,6 +609,38 @@ const GET_RUN: &str = concat!(
     run_columns!(),
     " from runs where message_id = $1"
 );
+
+/// The class of the forwarding locks ([`LOCK_RUNS`]): the first of their two keys, a key space
+/// apart from the retention sweep's one-key lock ("nrfw" in ASCII).
+const FORWARD_LOCK_CLASS: i32 = 0x6e72_6677;
+
+/// Step 1 of a batch with forwarding targets (see [`RECORD_BATCH`]): the advisory lock of each
+/// run, `$2` its keys sorted and each once ([`lock_runs`]); `unnest` yields them in order.
+const LOCK_RUNS: &str = "select pg_advisory_xact_lock($1, key) from unnest($2::int4[]) as key";
+
+/// Step 2 of a batch with forwarding targets: the status each run of the batch starts from.
+const READ_STATUSES: &str = "select message_id, status from runs where message_id = any($1)";
+
+/// Runs as [`GET_RUN`] reads them, several at once: step 3 of [`RECORD_BATCH`].
+const GET_RUNS: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs where message_id = any($1) order by message_id"
+);
+
+/// Queues one `$4` message per `($1 target, $2 message_id, $3 run)`, committed, queued and due
+/// at `$5`, and notifies channel `$6` (`feed::FORWARD_CHANNEL`) at commit: step 3 of
+/// [`RECORD_BATCH`], and the trigger's.
+const QUEUE_CHANGES: &str = "\
+with queued as (
+    insert into forward_outbox (target, message_id, event_type, run,
+                                committed_at, queued_at, next_attempt_at)
+    select target, message_id, $4, run, $5, $5, $5
+    from unnest($1::text[], $2::text[], $3::text[]) with ordinality
+         as message (target, message_id, run, position)
+    order by position
+    returning id)
+select pg_notify($6, '') where exists (select 1 from queued)";
 
 // The listing statements, one per filter (see `listing`). Each walks an index backwards.
 const LIST_RUNS: &str = concat!(
@@ -481,6 +686,20 @@ const LIST_STUCK_RUNS: &str = concat!(
       order by seq desc limit $5"
 );
 
+/// Stuck runs whose `run.stuck` is not queued since they last changed
+/// (`Outbox::queue_stuck_runs`), through `runs_unfinished`, locked for the transaction that
+/// queues them; another replica's sweep skips them rather than queue them twice.
+const RUNS_TO_QUEUE_STUCK: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs
+      where status_rank < 2 and updated_at < $1
+        and (stuck_queued_at is null or stuck_queued_at < updated_at)
+      order by seq
+      limit $2
+      for update of runs skip locked"
+);
+
 /// Counts stuck runs through `runs_unfinished`, stopping at `$2`.
 const COUNT_STUCK_RUNS: &str = "\
 select count(*) from (
@@ -512,11 +731,35 @@ impl Store for PostgresStore {
             return Ok(Vec::new());
         }
         let plan = BatchPlan::new(deliveries);
-        let mut attempt = 1;
+        if self.forward_targets.is_empty() {
+            let mut attempt = 1;
+            loop {
+                match self.try_record(&plan).await {
+                    Err(error) if is_retryable(&error) && attempt < MAX_ATTEMPTS => attempt += 1,
+                    result => return result.map_err(StoreError::from),
+                }
+            }
+        }
+        let mut message_ids: Vec<&str> = deliveries
+            .iter()
+            .map(|delivery| delivery.message_id.as_str())
+            .collect();
+        message_ids.sort_unstable();
+        message_ids.dedup();
+        // A run found created meanwhile (by a writer without targets) exists for every later
+        // attempt: those retries are bounded by the batch's runs, apart from deadlock retries.
+        let (mut attempt, mut raced) = (1, 0);
         loop {
-            match self.try_record(&plan).await {
+            match self.try_record_forwarding(&plan, &message_ids).await {
+                Ok(Some(outcomes)) => return Ok(outcomes),
+                Ok(None) if raced < message_ids.len() => raced += 1,
+                Ok(None) => {
+                    return Err(StoreError::Unavailable(
+                        "runs of the batch kept being created by other writers".into(),
+                    ))
+                }
                 Err(error) if is_retryable(&error) && attempt < MAX_ATTEMPTS => attempt += 1,
-                result => return result.map_err(StoreError::from),
+                Err(error) => return Err(error.into()),
             }
         }
     }
@@ -574,13 +817,31 @@ impl Store for PostgresStore {
     }
 
     async fn record_triggered_run(&self, run: &TriggeredRun) -> Result<(), StoreError> {
-        sqlx::query(RECORD_TRIGGERED_RUN)
+        if self.forward_targets.is_empty() {
+            sqlx::query(RECORD_TRIGGERED_RUN)
+                .bind(&run.message_id)
+                .bind(&run.workflow_id)
+                .bind(run.created_at)
+                .bind(run.workflow_params.as_deref())
+                .execute(&self.pool)
+                .await?;
+            return Ok(());
+        }
+        // A run the statement created is new; one a callback created first does not change.
+        let mut tx = self.pool.begin().await?;
+        lock_runs(&mut tx, [run.message_id.as_str()]).await?;
+        let created: bool = sqlx::query_scalar(RECORD_TRIGGERED_RUN)
             .bind(&run.message_id)
             .bind(&run.workflow_id)
             .bind(run.created_at)
             .bind(run.workflow_params.as_deref())
-            .execute(&self.pool)
+            .fetch_one(&mut *tx)
             .await?;
+        if created {
+            self.queue_changes(&mut tx, &[run.message_id.as_str()])
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -703,6 +964,9 @@ impl Store for PostgresStore {
             .connect_lazy_with(self.listen.clone());
         let mut listener = PgListener::connect_with(&pool).await?;
         listener.listen(feed::CHANNEL).await?;
+        if !self.forward_targets.is_empty() {
+            listener.listen(feed::FORWARD_CHANNEL).await?;
+        }
         Ok(Some(Box::new(PgRunFeed { listener })))
     }
 
@@ -784,7 +1048,8 @@ impl Outbox for PostgresStore {
     }
 }
 
-/// `LISTEN nen_relay_terminal_runs` on a connection of its own.
+/// `LISTEN nen_relay_terminal_runs` (and `nen_relay_forward` with forwarding targets) on a
+/// connection of its own.
 struct PgRunFeed {
     listener: PgListener,
 }
@@ -793,6 +1058,9 @@ struct PgRunFeed {
 impl TerminalRunFeed for PgRunFeed {
     async fn next(&mut self) -> Result<FeedEvent, StoreError> {
         match self.listener.try_recv().await {
+            Ok(Some(notification)) if notification.channel() == feed::FORWARD_CHANNEL => {
+                Ok(FeedEvent::ForwardQueued)
+            }
             Ok(Some(notification)) => Ok(feed::read_payload(notification.payload())),
             // The connection was lost and has just been replaced (and listens again).
             Ok(None) => Ok(FeedEvent::Resumed),

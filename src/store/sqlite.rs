@@ -6,14 +6,17 @@
 //! their own; in WAL mode they never wait for the writer, and see only committed batches.
 //!
 //! Because nothing else writes while a transaction holds the lock, this store reads what it needs
-//! and decides in Rust (`plan`, `forward_only`); its statements only store the result.
+//! and decides in Rust (`plan`, `forward_only`); its statements only store the result. That
+//! includes forwarding (`changes`): a change of a run queues its outbox messages in the same
+//! transaction, and one writer numbers them in commit order.
 //!
 //! Every statement is a round trip to the thread that owns the connection, and on a busy machine
 //! each one waits to be scheduled: that wait, not SQLite, was most of the cost of a batch. So a
 //! batch is written with one multi-row statement per step, whatever its size: insert the events,
 //! count the copies of stored ones it repeats (only when there are any; one more statement when
-//! some of their bodies differ), read the runs, write them; with `begin` and `commit`, five or
-//! six round trips per batch.
+//! some of their bodies differ), read the runs, write them, and with forwarding targets read the
+//! changed runs and queue their messages; with `begin` and `commit`, five to eight round trips
+//! per batch.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -28,12 +31,15 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Sqlite};
 
+use super::changes;
 use super::claim::ExistingClaim;
 use super::feed::TerminalRunFeed;
 use super::forward_only::RunState;
 use super::listing::{Listing, ListingFilter};
 use super::model::*;
-use super::outbox::{FailedPage, FinishedAttempt, Lease, OutboxMessage, TargetQueue};
+use super::outbox::{
+    FailedPage, FinishedAttempt, Lease, OutboxMessage, TargetQueue, STATUS_CHANGED,
+};
 use super::plan::BatchPlan;
 use super::retention::SweepSession;
 use super::rows::{EventRow, RunRow, StoredText};
@@ -49,6 +55,9 @@ pub struct SqliteStore {
     readers: SqlitePool,
     /// What every connection is opened with; migrations open their own with a longer wait.
     base: SqliteConnectOptions,
+    /// `StoreOptions::forward_targets`: each change of a run queues a message per target in
+    /// its write transaction; with none, nothing more is written or read.
+    forward_targets: Vec<String>,
 }
 
 impl SqliteStore {
@@ -98,6 +107,7 @@ impl SqliteStore {
             writer,
             readers,
             base,
+            forward_targets: options.forward_targets.clone(),
         })
     }
 
@@ -124,7 +134,10 @@ impl SqliteStore {
         let mut tx = self.writer.begin_with("begin immediate").await?;
         let inserted = insert_events(&mut tx, plan).await?;
         let stored_sha256 = count_duplicates(&mut tx, plan, &inserted).await?;
-        let final_status = apply_run_changes(&mut tx, plan, &inserted).await?;
+        let (final_status, changed) = apply_run_changes(&mut tx, plan, &inserted).await?;
+        if !self.forward_targets.is_empty() {
+            queue_changes(&mut tx, &self.forward_targets, &changed).await?;
+        }
         tx.commit().await?;
         let conflicting = plan.conflicting_terminals(&inserted, &final_status);
         Ok(plan.outcomes(&inserted, &stored_sha256, &conflicting))
@@ -298,30 +311,83 @@ async fn count_duplicates(
 }
 
 /// Creates or moves forward every run that got a new event: one statement reads them, one
-/// writes them. Returns each one's final status.
+/// writes them. Returns each one's final status, and the runs that changed
+/// (`changes::is_change`), in key order.
 async fn apply_run_changes(
     connection: &mut SqliteConnection,
     plan: &BatchPlan<'_>,
     inserted: &[bool],
-) -> Result<HashMap<String, String>, sqlx::Error> {
-    let changes = plan.run_changes(inserted);
+) -> Result<(HashMap<String, String>, Vec<String>), sqlx::Error> {
+    let run_changes = plan.run_changes(inserted);
     let mut stored = read_runs(
         &mut *connection,
-        changes.iter().map(|change| change.message_id.as_str()),
+        run_changes.iter().map(|change| change.message_id.as_str()),
     )
     .await?;
-    let runs: Vec<(&str, RunState)> = changes
-        .iter()
-        .map(|change| {
-            let run = RunState::advanced(stored.remove(&change.message_id), change);
-            (change.message_id.as_str(), run)
-        })
-        .collect();
+    let mut final_status = HashMap::with_capacity(run_changes.len());
+    let mut changed = Vec::new();
+    let mut runs: Vec<(&str, RunState)> = Vec::with_capacity(run_changes.len());
+    for change in &run_changes {
+        let before = stored.remove(&change.message_id);
+        let before_status = before.as_ref().map(|run| run.status.clone());
+        let run = RunState::advanced(before, change);
+        if changes::is_change(before_status.as_deref(), &run.status) {
+            changed.push(change.message_id.clone());
+        }
+        final_status.insert(change.message_id.clone(), run.status.clone());
+        runs.push((change.message_id.as_str(), run));
+    }
     write_runs(&mut *connection, &runs).await?;
-    Ok(runs
+    Ok((final_status, changed))
+}
+
+/// Queues a `run.status_changed` message per target for each run named, as the transaction of
+/// `connection` holds it now (read as `get_run` reads it): one statement reads the runs, one
+/// writes the messages (per [`ROWS_PER_STATEMENT`] messages). Nothing when no run is named.
+async fn queue_changes(
+    connection: &mut SqliteConnection,
+    targets: &[String],
+    message_ids: &[String],
+) -> Result<(), sqlx::Error> {
+    if message_ids.is_empty() {
+        return Ok(());
+    }
+    let message_ids =
+        serde_json::to_string(message_ids).map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+    let rows: Vec<RunRow<StoredText>> = sqlx::query_as(GET_RUNS)
+        .bind(message_ids)
+        .fetch_all(&mut *connection)
+        .await?;
+    let runs = rows
         .into_iter()
-        .map(|(message_id, run)| (message_id.to_owned(), run.status))
-        .collect())
+        .map(run_from_row)
+        .collect::<Result<Vec<Run>, StoreError>>()
+        .map_err(|error| sqlx::Error::Decode(Box::new(error)))?;
+    let queued = changes::status_changed(targets, &runs)
+        .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+    let now = time_text(Utc::now());
+    // In the order given, so that ids number a run's messages in the order of its changes.
+    for chunk in queued.chunks(ROWS_PER_STATEMENT) {
+        let mut statement = QueryBuilder::<Sqlite>::new(
+            "insert into forward_outbox (target, message_id, event_type, run, \
+                                         committed_at, queued_at, next_attempt_at) ",
+        );
+        statement.push_values(chunk, |mut row, message| {
+            row.push_bind(message.target)
+                .push_bind(message.message_id.as_str())
+                .push_bind(STATUS_CHANGED)
+                .push_bind(message.run.as_str())
+                .push_bind(now.as_str())
+                .push_bind(now.as_str())
+                .push_bind(now.as_str());
+        });
+        statement
+            .build()
+            .persistent(false)
+            .execute(&mut *connection)
+            .await?;
+    }
+    Ok(())
 }
 
 /// The stored state of the runs named, by message_id (one statement for a whole batch).
@@ -460,6 +526,13 @@ macro_rules! run_columns {
 
 const GET_RUN: &str = concat!("select ", run_columns!(), " from runs where message_id = ?");
 
+/// Runs as [`GET_RUN`] reads them, those named in a JSON array, in key order.
+const GET_RUNS: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs where message_id in (select value from json_each(?)) order by message_id"
+);
+
 // The listing statements, one per filter (see `listing`). Each walks an index backwards.
 const LIST_RUNS: &str = concat!(
     "select ",
@@ -519,6 +592,19 @@ const LIST_STUCK_RUNS: &str = concat!(
         and (?3 is null or status = ?3)
         and seq < ?4
       order by seq desc limit ?5"
+);
+
+/// Stuck runs whose `run.stuck` is not queued since they last changed
+/// (`Outbox::queue_stuck_runs`), through `runs_unfinished`; read in the writer's transaction
+/// that queues them.
+const RUNS_TO_QUEUE_STUCK: &str = concat!(
+    "select ",
+    run_columns!(),
+    " from runs
+      where status_rank < 2 and updated_at < ?1
+        and (stuck_queued_at is null or stuck_queued_at < updated_at)
+      order by seq
+      limit ?2"
 );
 
 /// Counts stuck runs through `runs_unfinished`, stopping at `?2`.
@@ -625,8 +711,19 @@ impl Store for SqliteStore {
     async fn record_triggered_run(&self, run: &TriggeredRun) -> Result<(), StoreError> {
         let mut tx = self.writer.begin_with("begin immediate").await?;
         let mut stored = read_runs(&mut tx, std::iter::once(run.message_id.as_str())).await?;
-        let state = RunState::triggered(stored.remove(&run.message_id), run);
+        let before = stored.remove(&run.message_id);
+        // Only a new run changes: a trigger never moves a run a callback created first.
+        let created = before.is_none();
+        let state = RunState::triggered(before, run);
         write_runs(&mut tx, &[(run.message_id.as_str(), state)]).await?;
+        if created && !self.forward_targets.is_empty() {
+            queue_changes(
+                &mut tx,
+                &self.forward_targets,
+                std::slice::from_ref(&run.message_id),
+            )
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
     }

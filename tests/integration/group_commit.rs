@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use nen_relay::callbacks::ingest::{Ingest, IngestError};
 use nen_relay::callbacks::payload::parse_callback;
 use nen_relay::config::IngestSettings;
+use nen_relay::forward::ForwardWake;
 use nen_relay::runs::waiters::Waiters;
 use nen_relay::store::{
     self, ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,
@@ -178,6 +179,7 @@ async fn record_in_one_batch(
         &settings,
         Duration::from_secs(30),
         Waiters::new(1, Duration::from_secs(5)),
+        ForwardWake::default(),
     );
 
     // A first delivery occupies the writer until the gate opens.

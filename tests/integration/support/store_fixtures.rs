@@ -13,13 +13,23 @@ use super::TestDatabase;
 
 /// The store `db` names, migrated.
 pub async fn open(db: &TestDatabase) -> Arc<dyn Store> {
-    store::connect(
-        &SecretString::from(db.url.clone()),
-        &StoreOptions::default(),
-        true,
-    )
-    .await
-    .expect("the store opens and migrates")
+    open_with(db, &StoreOptions::default()).await
+}
+
+/// The store `db` names, opened with `options`, migrated.
+pub async fn open_with(db: &TestDatabase, options: &StoreOptions) -> Arc<dyn Store> {
+    store::connect(&SecretString::from(db.url.clone()), options, true)
+        .await
+        .expect("the store opens and migrates")
+}
+
+/// The store `db` names, migrated, forwarding to `targets` (`StoreOptions::forward_targets`).
+pub async fn open_forwarding(db: &TestDatabase, targets: &[&str]) -> Arc<dyn Store> {
+    let options = StoreOptions {
+        forward_targets: targets.iter().map(|&target| target.to_owned()).collect(),
+        ..StoreOptions::default()
+    };
+    open_with(db, &options).await
 }
 
 /// A fixed instant plus `millis`; whole milliseconds survive every backend's precision.

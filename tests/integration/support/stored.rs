@@ -75,3 +75,58 @@ pub async fn set_updated_at(
         }
     }
 }
+
+/// One row of `forward_outbox`, as a test checks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardRow {
+    pub id: i64,
+    pub target: String,
+    pub message_id: String,
+    pub event_type: String,
+    pub run: String,
+    pub state: String,
+    pub attempts: i64,
+    /// `committed_at`, `queued_at` and `next_attempt_at` are one instant.
+    pub times_agree: bool,
+}
+
+type ForwardTuple = (i64, String, String, String, String, String, i64, bool);
+
+/// Every forwarding message, in id order, read with plain SQL.
+pub async fn forward_rows(db: &TestDatabase) -> Vec<ForwardRow> {
+    const COLUMNS: &str = "id, target, message_id, event_type, run, state, attempts, \
+         (committed_at = queued_at and queued_at = next_attempt_at) as times_agree";
+    let rows: Vec<ForwardTuple> = match db.backend {
+        Backend::Postgres => {
+            let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query_as(&format!(
+                "select {} from forward_outbox order by id",
+                COLUMNS.replace("attempts,", "attempts::int8,")
+            ))
+            .fetch_all(&mut connection)
+            .await
+            .unwrap()
+        }
+        Backend::Sqlite => {
+            let mut connection = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query_as(&format!("select {COLUMNS} from forward_outbox order by id"))
+                .fetch_all(&mut connection)
+                .await
+                .unwrap()
+        }
+    };
+    rows.into_iter()
+        .map(
+            |(id, target, message_id, event_type, run, state, attempts, times_agree)| ForwardRow {
+                id,
+                target,
+                message_id,
+                event_type,
+                run,
+                state,
+                attempts,
+                times_agree,
+            },
+        )
+        .collect()
+}

@@ -1,0 +1,369 @@
+//! One delivery worker per target: claims due messages, sends them concurrently, records what
+//! came of each, and sleeps when nothing is due.
+//!
+//! - It claims up to `forward.concurrency` messages less those in flight, leased to this
+//!   worker until `now + forward.lease`; another replica's claim skips them until then, and a
+//!   replica that dies mid-send leaves them to the next claim after the lease.
+//! - Order per run is the store's: a claim never returns a later message of a run while an
+//!   earlier one is pending. When a send finishes, its outcome is recorded and the worker claims
+//!   again at once, so the next change of that run goes out without waiting.
+//! - When nothing is claimable, it waits for a wake (a commit queued messages), for the soonest
+//!   pending message to become due (`next_forward_due`), or for `forward.poll_interval`,
+//!   whichever comes first: never a busy loop.
+//! - A store error is logged (at most once a minute while it lasts) and the worker pauses,
+//!   longer each time up to [`MAX_PAUSE`]; outcomes not yet recorded are kept and recorded
+//!   later. Nothing ends the task but its stop token.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::backoff::Backoff;
+use super::send::{self, Sent};
+use super::{OutboxSource, Target};
+use crate::config::ForwardSettings;
+use crate::metrics;
+use crate::store::outbox::webhook_id;
+use crate::store::{AttemptOutcome, FinishedAttempt, Lease, OutboxMessage, StoreError};
+
+/// The longest pause after store errors.
+pub const MAX_PAUSE: Duration = Duration::from_secs(30);
+/// A store error that lasts is logged this often at most.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// What a worker needs of `[forward]`.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerSettings {
+    pub concurrency: usize,
+    pub lease: Duration,
+    pub poll_interval: Duration,
+    pub max_age: Duration,
+    pub backoff: Backoff,
+}
+
+impl From<&ForwardSettings> for WorkerSettings {
+    fn from(settings: &ForwardSettings) -> Self {
+        WorkerSettings {
+            concurrency: settings.concurrency.max(1),
+            lease: settings.lease,
+            poll_interval: settings.poll_interval,
+            max_age: settings.max_age,
+            backoff: Backoff::STANDARD,
+        }
+    }
+}
+
+/// The worker of one target.
+pub struct Worker {
+    pub target: Target,
+    pub outbox: Arc<dyn OutboxSource>,
+    pub client: reqwest::Client,
+    pub settings: WorkerSettings,
+    /// Notified when messages were queued for this target.
+    pub wake: Arc<Notify>,
+}
+
+/// One finished send, not yet recorded.
+struct Done {
+    attempt: FinishedAttempt,
+    committed_at: DateTime<Utc>,
+    finished_at: DateTime<Utc>,
+}
+
+impl Worker {
+    /// Runs until `stop` is cancelled, then waits for the sends in flight and records them (the
+    /// caller bounds how long; whatever is cut off is sent again after its lease).
+    pub async fn run(self, stop: CancellationToken) {
+        // One lease owner per worker: its claims never overlap, so one id is enough.
+        let owner = Uuid::new_v4();
+        let mut in_flight: JoinSet<Done> = JoinSet::new();
+        let mut unrecorded: Vec<Done> = Vec::new();
+        let mut trouble = StoreTrouble::default();
+        loop {
+            if stop.is_cancelled() {
+                break;
+            }
+            if let Some(pause) = trouble.take_pause() {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+            collect_finished(&mut in_flight, &mut unrecorded);
+            if !unrecorded.is_empty() {
+                if let Err(error) = self.record(&mut unrecorded).await {
+                    trouble.failed(&self.target.name, "record delivery outcomes", &error);
+                    continue;
+                }
+            }
+            let room = self.settings.concurrency.saturating_sub(in_flight.len());
+            let claimed_at = Utc::now();
+            if room > 0 {
+                match self.claim(owner, room, claimed_at).await {
+                    Ok(messages) => {
+                        trouble.recovered(&self.target.name);
+                        for message in messages {
+                            self.start(&mut in_flight, owner, message);
+                        }
+                    }
+                    Err(error) => {
+                        trouble.failed(&self.target.name, "claim messages", &error);
+                        continue;
+                    }
+                }
+            }
+            let full = in_flight.len() >= self.settings.concurrency;
+            // With room left, nothing more is claimable now: sleep until something may be.
+            let wake_at = if full {
+                None
+            } else {
+                match self.next_wake(claimed_at).await {
+                    Ok(at) => Some(at),
+                    Err(error) => {
+                        trouble.failed(&self.target.name, "find the next due message", &error);
+                        continue;
+                    }
+                }
+            };
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    if let Some(done) = finished(done) {
+                        unrecorded.push(done);
+                    }
+                }
+                () = self.wake.notified(), if !full => {}
+                () = sleep_until(wake_at), if wake_at.is_some() => {}
+            }
+        }
+        while let Some(done) = in_flight.join_next().await {
+            unrecorded.extend(finished(done));
+        }
+        if !unrecorded.is_empty() {
+            if let Err(error) = self.record(&mut unrecorded).await {
+                tracing::warn!(
+                    target_name = %self.target.name,
+                    %error,
+                    "cannot record the last delivery outcomes; those messages go again after \
+                     their lease"
+                );
+            }
+        }
+    }
+
+    async fn claim(
+        &self,
+        owner: Uuid,
+        room: usize,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxMessage>, StoreError> {
+        let until = chrono::Duration::from_std(self.settings.lease)
+            .ok()
+            .and_then(|lease| now.checked_add_signed(lease))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        self.outbox
+            .outbox()
+            .claim_forward_messages(
+                &self.target.name,
+                u32::try_from(room).unwrap_or(u32::MAX),
+                Lease { owner, until },
+                now,
+            )
+            .await
+    }
+
+    /// When to look again: when the soonest pending message becomes due, at the latest after
+    /// `poll_interval`. A message that was due already when the claim ran and was not claimed
+    /// waits for something else (an earlier message of its run in flight, or another replica's
+    /// lease): the end of a send here claims again anyway, so it is left to the poll.
+    async fn next_wake(&self, claimed_at: DateTime<Utc>) -> Result<Instant, StoreError> {
+        let poll_at = Instant::now() + self.settings.poll_interval;
+        let due = self
+            .outbox
+            .outbox()
+            .next_forward_due(&self.target.name)
+            .await?;
+        Ok(match due {
+            Some(due) if due > claimed_at => {
+                let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                poll_at.min(Instant::now() + wait)
+            }
+            _ => poll_at,
+        })
+    }
+
+    fn start(&self, in_flight: &mut JoinSet<Done>, owner: Uuid, message: OutboxMessage) {
+        let client = self.client.clone();
+        let target = self.target.clone();
+        let settings = self.settings;
+        in_flight.spawn(async move {
+            let attempted_at = Utc::now();
+            let sent = send::send(&client, &target, &message, attempted_at).await;
+            let finished_at = Utc::now();
+            let outcome = match sent {
+                Sent::Delivered => AttemptOutcome::Delivered,
+                Sent::Unsendable(error) => AttemptOutcome::Failed { error },
+                Sent::NotDelivered(error) => settings.backoff.after_failure(
+                    message.attempts,
+                    message.queued_at,
+                    settings.max_age,
+                    finished_at,
+                    error,
+                    rand::random::<f64>(),
+                ),
+            };
+            match &outcome {
+                AttemptOutcome::Delivered => {}
+                AttemptOutcome::Retry {
+                    next_attempt_at,
+                    error,
+                } => tracing::debug!(
+                    target_name = %target.name,
+                    webhook_id = %webhook_id(message.id),
+                    %error,
+                    %next_attempt_at,
+                    "not delivered; trying again"
+                ),
+                AttemptOutcome::Failed { error } => tracing::warn!(
+                    target_name = %target.name,
+                    webhook_id = %webhook_id(message.id),
+                    %error,
+                    "not delivered; kept as failed"
+                ),
+            }
+            Done {
+                attempt: FinishedAttempt {
+                    id: message.id,
+                    lease_owner: owner,
+                    attempted_at,
+                    outcome,
+                },
+                committed_at: message.committed_at,
+                finished_at,
+            }
+        });
+    }
+
+    /// Records every finished send in one call, and counts them once recorded.
+    async fn record(&self, unrecorded: &mut Vec<Done>) -> Result<(), StoreError> {
+        let attempts: Vec<FinishedAttempt> =
+            unrecorded.iter().map(|done| done.attempt.clone()).collect();
+        self.outbox
+            .outbox()
+            .finish_forward_attempts(&attempts)
+            .await?;
+        for done in unrecorded.drain(..) {
+            let lag = (done.finished_at - done.committed_at)
+                .to_std()
+                .unwrap_or(Duration::ZERO);
+            metrics::record_forward_attempt(&self.target.name, &done.attempt.outcome, lag);
+        }
+        Ok(())
+    }
+}
+
+/// Takes the sends that finished already, without waiting.
+fn collect_finished(in_flight: &mut JoinSet<Done>, unrecorded: &mut Vec<Done>) {
+    while let Some(done) = in_flight.try_join_next() {
+        unrecorded.extend(finished(done));
+    }
+}
+
+/// A send that panicked has no outcome: its lease ends and it goes again.
+fn finished(done: Result<Done, tokio::task::JoinError>) -> Option<Done> {
+    match done {
+        Ok(done) => Some(done),
+        Err(error) => {
+            tracing::error!(%error, "a forwarding send failed unexpectedly; it goes again after its lease");
+            None
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Store errors in a row: how long to pause, and whether to log.
+#[derive(Default)]
+struct StoreTrouble {
+    failures: u32,
+    pause_pending: bool,
+    last_logged: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl StoreTrouble {
+    fn failed(&mut self, target: &str, doing: &str, error: &StoreError) {
+        self.failures = self.failures.saturating_add(1);
+        self.pause_pending = true;
+        let now = std::time::Instant::now();
+        if self
+            .last_logged
+            .is_none_or(|last| now.duration_since(last) >= LOG_EVERY)
+        {
+            tracing::warn!(
+                target_name = %target,
+                %error,
+                failures_since_last_log = self.unlogged,
+                "forwarding cannot {doing}; pausing, then trying again"
+            );
+            self.last_logged = Some(now);
+            self.unlogged = 0;
+        } else {
+            self.unlogged += 1;
+        }
+    }
+
+    fn recovered(&mut self, target: &str) {
+        if self.failures > 0 {
+            tracing::info!(target_name = %target, "forwarding reaches the store again");
+        }
+        *self = StoreTrouble::default();
+    }
+
+    /// The pause owed after a failure (1 s doubling, at most [`MAX_PAUSE`]), once.
+    fn take_pause(&mut self) -> Option<Duration> {
+        if !std::mem::take(&mut self.pause_pending) {
+            return None;
+        }
+        let exponent = self.failures.saturating_sub(1).min(16);
+        Some(
+            Duration::from_secs(1)
+                .saturating_mul(1 << exponent)
+                .min(MAX_PAUSE),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_pause_longer_each_time_and_once_per_error() {
+        let mut trouble = StoreTrouble::default();
+        assert_eq!(trouble.take_pause(), None);
+        let error = StoreError::Unavailable("down".into());
+        let mut pauses = Vec::new();
+        for _ in 0..7 {
+            trouble.failed("orders", "claim messages", &error);
+            pauses.push(trouble.take_pause().unwrap().as_secs());
+            assert_eq!(trouble.take_pause(), None);
+        }
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 30, 30]);
+        trouble.recovered("orders");
+        trouble.failed("orders", "claim messages", &error);
+        assert_eq!(trouble.take_pause(), Some(Duration::from_secs(1)));
+    }
+}

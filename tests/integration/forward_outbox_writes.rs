@@ -1,0 +1,583 @@
+//! Forwarding's write path, on both stores: every change of a run (a new run, or a status
+//! that moved forward) queues one `run.status_changed` message per target, in the transaction
+//! that commits the change, holding the run as `get_run` reads it right after; nothing else
+//! queues one. The outbox is read with plain SQL here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nen_relay::callbacks::ingest::Ingest;
+use nen_relay::config::IngestSettings;
+use nen_relay::forward::ForwardWake;
+use nen_relay::runs::status::StatusRank;
+use nen_relay::runs::waiters::Waiters;
+use nen_relay::store::{Delivery, FeedEvent, Store, StoreOptions, TriggeredRun};
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection};
+use tokio::sync::Barrier;
+
+use crate::on_both_backends;
+use crate::support::app::callback;
+use crate::support::backends::fresh_database;
+use crate::support::store_fixtures::{at, delivery, open, open_forwarding, open_with};
+use crate::support::stored::{self, forward_rows, ForwardRow};
+use crate::support::{Backend, TestDatabase};
+
+const TARGETS: [&str; 2] = ["alpha", "beta"];
+
+/// Generous: every condition here holds within milliseconds when the store is right.
+const GUARD: Duration = Duration::from_secs(60);
+
+/// The run as `get_run` answers now, as the API serializes it.
+async fn run_json(store: &Arc<dyn Store>, message_id: &str) -> String {
+    let run = store
+        .get_run(message_id)
+        .await
+        .expect("the store answers")
+        .unwrap_or_else(|| panic!("run {message_id} exists"));
+    serde_json::to_string(&run).unwrap()
+}
+
+fn status_of(row: &ForwardRow) -> String {
+    let run: Value = serde_json::from_str(&row.run).expect("a message holds JSON");
+    run["status"]
+        .as_str()
+        .expect("a run has a status")
+        .to_owned()
+}
+
+/// Records `(message_id, status)` callbacks as one batch, received at `millis` onwards.
+async fn record(store: &Arc<dyn Store>, callbacks: &[(&str, &str)], millis: i64) {
+    let batch: Vec<Delivery> = callbacks
+        .iter()
+        .zip(millis..)
+        .map(|(&(message_id, status), at)| delivery(&callback(message_id, status, json!({})), at))
+        .collect();
+    store.record_deliveries(&batch).await.expect("recorded");
+}
+
+fn triggered(message_id: &str, millis: i64) -> TriggeredRun {
+    TriggeredRun {
+        message_id: message_id.into(),
+        workflow_id: "wf-forwarded".into(),
+        workflow_params: None,
+        created_at: at(millis),
+    }
+}
+
+/// Each message of `message_id` for `target`, in id order.
+fn messages_of<'a>(rows: &'a [ForwardRow], target: &str, message_id: &str) -> Vec<&'a ForwardRow> {
+    rows.iter()
+        .filter(|row| row.target == target && row.message_id == message_id)
+        .collect()
+}
+
+async fn a_batch_queues_one_message_per_changed_run_and_target(db: TestDatabase) {
+    let store = open_forwarding(&db, &TARGETS).await;
+    record(
+        &store,
+        &[
+            ("m-a", "processing"),
+            ("m-b", "success"),
+            ("m-c", "submitted"),
+        ],
+        0,
+    )
+    .await;
+    let rows = forward_rows(&db).await;
+    assert_eq!(rows.len(), 3 * TARGETS.len(), "{rows:#?}");
+    for message_id in ["m-a", "m-b", "m-c"] {
+        let expected = run_json(&store, message_id).await;
+        for target in TARGETS {
+            let messages = messages_of(&rows, target, message_id);
+            assert_eq!(messages.len(), 1, "{target} {message_id}: {rows:#?}");
+            let message = messages[0];
+            assert_eq!(message.event_type, "run.status_changed");
+            assert_eq!(message.run, expected, "the run as get_run reads it");
+            assert_eq!((message.state.as_str(), message.attempts), ("pending", 0));
+            assert!(message.times_agree, "committed, queued and due at once");
+        }
+    }
+    let stuck: Value = serde_json::from_str(&rows[0].run).unwrap();
+    assert_eq!(stuck["stuck"], json!(false));
+}
+
+async fn duplicates_and_events_that_do_not_move_a_run_queue_nothing(db: TestDatabase) {
+    let store = open_forwarding(&db, &TARGETS).await;
+    record(&store, &[("m-done", "success")], 0).await;
+    assert_eq!(forward_rows(&db).await.len(), TARGETS.len());
+    // A duplicate, a conflicting second terminal, and statuses that are not further.
+    record(&store, &[("m-done", "success")], 10).await;
+    record(&store, &[("m-done", "failed")], 20).await;
+    record(&store, &[("m-done", "processing")], 30).await;
+    record(
+        &store,
+        &[("m-done", "submitted"), ("m-done", "timeout")],
+        40,
+    )
+    .await;
+    let rows = forward_rows(&db).await;
+    assert_eq!(rows.len(), TARGETS.len(), "{rows:#?}");
+    let run = store.get_run("m-done").await.unwrap().unwrap();
+    assert_eq!(run.status, "success");
+    assert!(
+        run.conflicting_terminals,
+        "the events were stored all the same"
+    );
+    assert_eq!(store.list_events("m-done").await.unwrap().len(), 5);
+}
+
+async fn several_statuses_of_a_run_in_one_batch_are_one_change(db: TestDatabase) {
+    let store = open_forwarding(&db, &TARGETS).await;
+    record(
+        &store,
+        &[
+            ("m-all", "submitted"),
+            ("m-all", "processing"),
+            ("m-all", "success"),
+            ("m-all", "processing"),
+        ],
+        0,
+    )
+    .await;
+    let rows = forward_rows(&db).await;
+    assert_eq!(rows.len(), TARGETS.len(), "{rows:#?}");
+    let expected = run_json(&store, "m-all").await;
+    for row in &rows {
+        assert_eq!(status_of(row), "success");
+        assert_eq!(row.run, expected);
+    }
+}
+
+async fn a_run_s_messages_are_numbered_in_commit_order(db: TestDatabase) {
+    let store = open_forwarding(&db, &TARGETS).await;
+    let mut expected = Vec::new();
+    for (step, status) in ["submitted", "processing", "success"]
+        .into_iter()
+        .enumerate()
+    {
+        // Another run in between, so that the ids of one run are not simply consecutive.
+        let other = format!("m-other-{step}");
+        record(
+            &store,
+            &[(other.as_str(), "processing"), ("m-ordered", status)],
+            step as i64 * 10,
+        )
+        .await;
+        expected.push(run_json(&store, "m-ordered").await);
+    }
+    let rows = forward_rows(&db).await;
+    for target in TARGETS {
+        let messages = messages_of(&rows, target, "m-ordered");
+        let runs: Vec<&str> = messages.iter().map(|row| row.run.as_str()).collect();
+        assert_eq!(runs, expected, "{target}");
+        assert!(messages.windows(2).all(|pair| pair[0].id < pair[1].id));
+    }
+}
+
+async fn a_triggered_run_is_a_change_unless_a_callback_created_it(db: TestDatabase) {
+    let store = open_forwarding(&db, &TARGETS).await;
+    store
+        .record_triggered_run(&triggered("m-started", 0))
+        .await
+        .unwrap();
+    let rows = forward_rows(&db).await;
+    assert_eq!(rows.len(), TARGETS.len(), "{rows:#?}");
+    let started = run_json(&store, "m-started").await;
+    assert!(rows.iter().all(|row| row.run == started));
+    let run: Value = serde_json::from_str(&started).unwrap();
+    assert_eq!(
+        (run["status"].clone(), run["triggered_here"].clone()),
+        (json!("submitted"), json!(true))
+    );
+
+    // Its own `submitted` callback does not move it; `processing` does.
+    record(&store, &[("m-started", "submitted")], 10).await;
+    assert_eq!(forward_rows(&db).await.len(), TARGETS.len());
+    record(&store, &[("m-started", "processing")], 20).await;
+    assert_eq!(forward_rows(&db).await.len(), 2 * TARGETS.len());
+
+    // A callback got there first: recording the start changes nothing.
+    record(&store, &[("m-early", "processing")], 30).await;
+    let before = forward_rows(&db).await;
+    store
+        .record_triggered_run(&triggered("m-early", 25))
+        .await
+        .unwrap();
+    assert_eq!(forward_rows(&db).await, before);
+    assert!(
+        store
+            .get_run("m-early")
+            .await
+            .unwrap()
+            .unwrap()
+            .triggered_here
+    );
+}
+
+async fn without_targets_nothing_is_queued(db: TestDatabase) {
+    let store = open(&db).await;
+    record(
+        &store,
+        &[("m-quiet", "processing"), ("m-quiet", "success")],
+        0,
+    )
+    .await;
+    store
+        .record_triggered_run(&triggered("m-quiet-started", 0))
+        .await
+        .unwrap();
+    assert_eq!(stored::count(&db, "runs").await, 2);
+    assert_eq!(stored::count(&db, "forward_outbox").await, 0);
+}
+
+async fn execute(db: &TestDatabase, sql: &str) {
+    match db.backend {
+        Backend::Postgres => {
+            let mut connection = PgConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql(sql).execute(&mut connection).await.unwrap();
+        }
+        Backend::Sqlite => {
+            let mut connection = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::raw_sql(sql).execute(&mut connection).await.unwrap();
+        }
+    }
+}
+
+/// The messages are part of the change's transaction: when they cannot be written, neither is
+/// the change.
+async fn a_change_whose_messages_cannot_be_written_is_not_written(db: TestDatabase) {
+    let store = open_forwarding(&db, &TARGETS).await;
+    match db.backend {
+        Backend::Postgres => {
+            execute(
+                &db,
+                "create function refuse_forwarding() returns trigger language plpgsql as
+                     $$ begin raise exception 'forwarding refused'; end $$;
+                 create trigger refuse_forwarding before insert on forward_outbox
+                     for each row execute function refuse_forwarding();",
+            )
+            .await
+        }
+        Backend::Sqlite => {
+            execute(
+                &db,
+                "create trigger refuse_forwarding before insert on forward_outbox
+                 begin select raise(abort, 'forwarding refused'); end;",
+            )
+            .await
+        }
+    }
+    let body = callback("m-refused", "success", json!({}));
+    let failed = store.record_deliveries(&[delivery(&body, 0)]).await;
+    assert!(failed.is_err(), "{failed:?}");
+    let failed = store
+        .record_triggered_run(&triggered("m-refused-started", 0))
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    for table in ["runs", "events", "forward_outbox"] {
+        assert_eq!(stored::count(&db, table).await, 0, "{table}");
+    }
+
+    let drop_trigger = match db.backend {
+        Backend::Postgres => "drop trigger refuse_forwarding on forward_outbox",
+        Backend::Sqlite => "drop trigger refuse_forwarding",
+    };
+    execute(&db, drop_trigger).await;
+    let outcomes = store
+        .record_deliveries(&[delivery(&body, 1)])
+        .await
+        .unwrap();
+    assert!(
+        !outcomes[0].duplicate,
+        "the failed batch left nothing behind"
+    );
+    assert_eq!(forward_rows(&db).await.len(), TARGETS.len());
+}
+
+/// A small deterministic generator (xorshift), so that the history below is the same on every
+/// run and on both stores.
+struct Sequence(u64);
+
+impl Sequence {
+    fn below(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % bound
+    }
+}
+
+/// Random histories of batches and starts: after every step, each run whose status was seen to
+/// change (or that appeared) must have exactly one new message per target, holding the run as
+/// read then, and nothing else may be queued.
+async fn messages_follow_the_changes_seen_in_random_histories(db: TestDatabase) {
+    const RUNS: u64 = 4;
+    const STEPS: i64 = 60;
+    const STATUSES: [&str; 5] = ["submitted", "processing", "success", "failed", "timeout"];
+    let store = open_forwarding(&db, &TARGETS).await;
+    for seed in [0x9e37_79b9_7f4a_7c15_u64, 42, 7_777] {
+        let mut sequence = Sequence(seed);
+        let ids: Vec<String> = (0..RUNS).map(|n| format!("m-{seed}-{n}")).collect();
+        let mut seen: HashMap<&str, String> = HashMap::new();
+        let mut expected: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for step in 0..STEPS {
+            let millis = step * 10;
+            if sequence.below(6) == 0 {
+                let id = &ids[sequence.below(RUNS) as usize];
+                store
+                    .record_triggered_run(&triggered(id, millis))
+                    .await
+                    .unwrap();
+            } else {
+                let size = 1 + sequence.below(4) as i64;
+                let batch: Vec<Delivery> = (0..size)
+                    .map(|i| {
+                        let id = &ids[sequence.below(RUNS) as usize];
+                        let status = STATUSES[sequence.below(5) as usize];
+                        let note = json!({ "note": sequence.below(2) });
+                        delivery(&callback(id, status, note), millis + i)
+                    })
+                    .collect();
+                store.record_deliveries(&batch).await.unwrap();
+            }
+            for id in &ids {
+                let Some(run) = store.get_run(id).await.unwrap() else {
+                    continue;
+                };
+                if seen.get(id.as_str()) != Some(&run.status) {
+                    seen.insert(id, run.status.clone());
+                    expected
+                        .entry(id)
+                        .or_default()
+                        .push(serde_json::to_string(&run).unwrap());
+                }
+            }
+        }
+        let rows = forward_rows(&db).await;
+        for target in TARGETS {
+            for id in &ids {
+                let queued: Vec<&str> = messages_of(&rows, target, id)
+                    .iter()
+                    .map(|row| row.run.as_str())
+                    .collect();
+                let changes = expected.get(id.as_str()).cloned().unwrap_or_default();
+                assert_eq!(queued, changes, "seed {seed}, {target}, {id}");
+            }
+        }
+    }
+    // More changes than runs: runs were created, and moved again afterwards.
+    let changes = forward_rows(&db).await.len() / TARGETS.len();
+    assert!(
+        changes > 3 * RUNS as usize,
+        "the histories moved runs: {changes}"
+    );
+}
+
+/// Concurrent writers that deliver the same runs' statuses in different orders: whatever the
+/// interleaving, a run's messages move strictly forward, end at its final status, and every
+/// target gets the same ones.
+async fn concurrent_writers_queue_each_change_once(db: TestDatabase) {
+    const WRITERS: usize = 6;
+    const RUNS: usize = 8;
+    let store = open_forwarding(&db, &TARGETS).await;
+    let statuses = ["submitted", "processing", "success", "failed"];
+    let barrier = Arc::new(Barrier::new(WRITERS));
+    let mut tasks = Vec::new();
+    for writer in 0..WRITERS {
+        // Each writer sends a different part of every run's history, rotated, so that the
+        // writers meet on the same runs in different orders, new runs included.
+        let mut batch: Vec<Delivery> = (0..RUNS)
+            .flat_map(|n| {
+                let id = format!("m-busy-{n}");
+                let status = statuses[(writer + n) % statuses.len()];
+                let later = statuses[(writer + n + 1) % statuses.len()];
+                [
+                    callback(&id, status, json!({})),
+                    callback(&id, later, json!({})),
+                ]
+            })
+            .enumerate()
+            .map(|(i, body)| delivery(&body, (writer * 100 + i) as i64))
+            .collect();
+        let size = batch.len();
+        batch.rotate_left(writer * 3 % size);
+        let (store, barrier) = (store.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            store.record_deliveries(&batch).await.expect("recorded");
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let rows = forward_rows(&db).await;
+    for n in 0..RUNS {
+        let id = format!("m-busy-{n}");
+        let status = store.get_run(&id).await.unwrap().unwrap().status;
+        let per_target: Vec<Vec<String>> = TARGETS
+            .iter()
+            .map(|target| {
+                messages_of(&rows, target, &id)
+                    .into_iter()
+                    .map(status_of)
+                    .collect()
+            })
+            .collect();
+        let queued = &per_target[0];
+        assert!(
+            per_target.iter().all(|other| other == queued),
+            "{per_target:?}"
+        );
+        assert_eq!(queued.last(), Some(&status), "{id}: {queued:?}");
+        assert!(
+            queued
+                .windows(2)
+                .all(|pair| StatusRank::of(&pair[0]) < StatusRank::of(&pair[1])),
+            "{id}: each message moves the run forward: {queued:?}"
+        );
+    }
+}
+
+/// The ingest wakes the forwarding workers after a commit with a new delivery, before it
+/// answers; a duplicate wakes nothing.
+async fn the_ingest_wakes_the_forwarding_workers_after_a_new_delivery(db: TestDatabase) {
+    let store = open_forwarding(&db, &TARGETS).await;
+    let wake = ForwardWake::new(TARGETS);
+    let settings = IngestSettings {
+        writers: 1,
+        max_batch: 8,
+        queue_capacity: 8,
+    };
+    let (ingest, writers) = Ingest::start(
+        store,
+        &settings,
+        GUARD,
+        Waiters::new(1, Duration::from_secs(5)),
+        wake.clone(),
+    );
+    let woken = |target: &str| {
+        let notify = wake.notified(target).expect("a configured target");
+        async move { futures::poll!(Box::pin(notify.notified())).is_ready() }
+    };
+    assert!(!woken("alpha").await, "nothing was committed yet");
+    let body = callback("m-woken", "processing", json!({}));
+    let outcome = ingest.record(delivery(&body, 0)).await.unwrap();
+    assert!(!outcome.duplicate);
+    assert!(woken("alpha").await && woken("beta").await);
+    assert!(!woken("alpha").await, "one wake per commit");
+    let outcome = ingest.record(delivery(&body, 1)).await.unwrap();
+    assert!(outcome.duplicate);
+    assert!(!woken("alpha").await && !woken("beta").await);
+    drop(ingest);
+    writers.drain(GUARD).await;
+}
+
+on_both_backends!(
+    a_batch_queues_one_message_per_changed_run_and_target,
+    duplicates_and_events_that_do_not_move_a_run_queue_nothing,
+    several_statuses_of_a_run_in_one_batch_are_one_change,
+    a_run_s_messages_are_numbered_in_commit_order,
+    a_triggered_run_is_a_change_unless_a_callback_created_it,
+    without_targets_nothing_is_queued,
+    a_change_whose_messages_cannot_be_written_is_not_written,
+    messages_follow_the_changes_seen_in_random_histories,
+    concurrent_writers_queue_each_change_once,
+    the_ingest_wakes_the_forwarding_workers_after_a_new_delivery,
+);
+
+/// PostgreSQL: waits until a session of the store waits for a lock, as the server sees it.
+/// Polled with a deadline: an "eventually" check, on the server's own account of the wait.
+async fn until_the_store_waits_for_a_lock(db: &TestDatabase) {
+    let mut monitor = PgConnection::connect(&db.url).await.unwrap();
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity
+             where datname = current_database()
+               and application_name = 'nen-relay'
+               and wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut monitor)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the store never waited for the other writer"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A run created while a batch is written, by a writer that takes no forwarding lock (a
+/// replica without targets; plain SQL here), was not seen by the batch when it read the
+/// statuses it starts from: the batch cannot know what it changed until it tries again, and
+/// then decides as for any other run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_run_created_meanwhile_by_another_writer_is_decided_on_again() {
+    let db = fresh_database(Backend::Postgres).await;
+    let options = StoreOptions {
+        forward_targets: vec!["alpha".into()],
+        // The batch waits for the other writer's commit, held by the test.
+        statement_timeout: GUARD,
+        ..StoreOptions::default()
+    };
+    let store = open_with(&db, &options).await;
+    // (the run the other writer creates, its status, the batch's status, messages expected)
+    let cases = [
+        ("m-meanwhile-done", "success", "processing", 0),
+        ("m-meanwhile-moved", "submitted", "processing", 1),
+    ];
+    for (message_id, theirs, ours, messages) in cases {
+        let mut other = PgConnection::connect(&db.url).await.unwrap();
+        let mut transaction = other.begin().await.unwrap();
+        sqlx::query(
+            "insert into runs (message_id, status, status_rank, created_at, updated_at)
+             values ($1, $2, $3, now(), now())",
+        )
+        .bind(message_id)
+        .bind(theirs)
+        .bind(StatusRank::of(theirs).as_i16())
+        .execute(&mut *transaction)
+        .await
+        .unwrap();
+        let writing = tokio::spawn({
+            let store = store.clone();
+            let batch = [delivery(&callback(message_id, ours, json!({})), 0)];
+            async move { store.record_deliveries(&batch).await }
+        });
+        until_the_store_waits_for_a_lock(&db).await;
+        transaction.commit().await.unwrap();
+        let outcomes = writing.await.unwrap().expect("recorded after trying again");
+        assert!(!outcomes[0].duplicate);
+        let rows = forward_rows(&db).await;
+        let queued = messages_of(&rows, "alpha", message_id);
+        assert_eq!(queued.len(), messages, "{message_id}: {rows:#?}");
+        for row in queued {
+            assert_eq!(row.run, run_json(&store, message_id).await);
+        }
+    }
+}
+
+/// A commit that queued messages is heard on every replica's feed, so that their workers wake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_commit_that_queues_messages_is_heard_by_other_replicas() {
+    let db = fresh_database(Backend::Postgres).await;
+    let listening = open_forwarding(&db, &TARGETS).await;
+    let writing = open_forwarding(&db, &TARGETS).await;
+    let mut feed = listening
+        .terminal_run_feed()
+        .await
+        .unwrap()
+        .expect("PostgreSQL has a feed");
+    record(&writing, &[("m-heard", "processing")], 0).await;
+    let heard = tokio::time::timeout(GUARD, feed.next())
+        .await
+        .expect("heard in time")
+        .unwrap();
+    assert_eq!(heard, FeedEvent::ForwardQueued);
+}
