@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One side-by-side run, at 16 and 64 connections:
 #   - nen-relay (release build, PostgreSQL, fresh database): committed callbacks/s, p50/p99, loss check
+#   - the same on SQLite (the embedded default: a fresh file in the work directory)
 #   - nen-relay's 401 path (bad signatures): its ceiling without the store
 #   - the typical receiver (bench/reference-node: Fastify + pg pool of 8, a transaction per callback)
 #   - pgbench: the same one-callback-per-transaction write, prepared statements (PostgreSQL's ceiling)
@@ -53,6 +54,13 @@ DATABASE_URL=$relay_db NEN_RELAY_BIND=127.0.0.1:$relay_port NEN_RELAY_LOG_FORMAT
 relay_pid=$LAST_PID
 wait_for "http://127.0.0.1:$relay_port/readyz"
 
+# The same server on SQLite, the default when DATABASE_URL is unset.
+sqlite_port=$(free_port)
+DATABASE_URL="sqlite://$workdir/relay.db" NEN_RELAY_BIND=127.0.0.1:$sqlite_port NEN_RELAY_LOG_FORMAT=json \
+  start_background "$workdir/sqlite.log" "$BIN" serve
+sqlite_pid=$LAST_PID
+wait_for "http://127.0.0.1:$sqlite_port/readyz"
+
 # The same server with one forwarding target: a sink on this machine that answers 204 at once.
 sink_port=$(free_port)
 start_background "$workdir/sink.log" "$SINK" --port "$sink_port"
@@ -97,7 +105,13 @@ for c in $CONNECTIONS; do
   j=$(bench_json --url "http://127.0.0.1:$relay_port" --connections "$c")
   result[relay_rate_$c]=$(field "$j" rate); result[relay_p50_$c]=$(field "$j" p50_ms)
   result[relay_p99_$c]=$(field "$j" p99_ms); result[relay_non2xx_$c]=$(field "$j" non_2xx)
-  result[relay_verified_$c]=$(field "$j" verified_runs)
+  result[relay_verified_$c]=$(field "$j" verified_runs); result[relay_p999_$c]=$(field "$j" p999_ms)
+
+  log "nen-relay on SQLite, committed callbacks, $c connections"
+  j=$(bench_json --url "http://127.0.0.1:$sqlite_port" --connections "$c")
+  result[sqlite_rate_$c]=$(field "$j" rate); result[sqlite_p50_$c]=$(field "$j" p50_ms)
+  result[sqlite_p99_$c]=$(field "$j" p99_ms); result[sqlite_p999_$c]=$(field "$j" p999_ms)
+  result[sqlite_non2xx_$c]=$(field "$j" non_2xx); result[sqlite_verified_$c]=$(field "$j" verified_runs)
 
   log "nen-relay with one forwarding target, committed callbacks, $c connections"
   before=$(sink_messages)
@@ -127,6 +141,7 @@ for c in $CONNECTIONS; do
   result[pgbench_lat_$c]=$(awk '/^latency average = / {print $4; exit}' "$workdir/pgbench.out")
 done
 result[relay_peak_rss_kib]=$(peak_rss_kib "$relay_pid")
+result[sqlite_peak_rss_kib]=$(peak_rss_kib "$sqlite_pid")
 result[forward_peak_rss_kib]=$(peak_rss_kib "$forward_pid")
 stats=$(curl -fsS "http://127.0.0.1:$sink_port/stats")
 result[forward_lag_p50_ms]=$(field "$stats" lag_p50_ms); result[forward_lag_p99_ms]=$(field "$stats" lag_p99_ms)

@@ -17,8 +17,14 @@ def table(r, connections):
         relay = r[f"relay_rate_{c}"]
         rows += [
             (f"nen-relay committed callbacks/s ({c} conn)", f"{relay:,.0f}", "1.00x"),
-            (f"  p50 / p99 latency ms", f"{r[f'relay_p50_{c}']:.2f} / {r[f'relay_p99_{c}']:.2f}", ""),
+            (f"  p50 / p99 / p99.9 latency ms",
+             f"{r[f'relay_p50_{c}']:.2f} / {r[f'relay_p99_{c}']:.2f} / {r[f'relay_p999_{c}']:.2f}", ""),
             (f"  non-2xx answers / runs loss-checked", f"{r[f'relay_non2xx_{c}']:.0f} / {r[f'relay_verified_{c}']:.0f}", ""),
+            (f"nen-relay on SQLite, committed callbacks/s ({c} conn)", f"{r[f'sqlite_rate_{c}']:,.0f}",
+             f"{ratio(r[f'sqlite_rate_{c}'], relay)} of PostgreSQL, {ratio(r[f'sqlite_rate_{c}'], r[f'node_rate_{c}'])} of Node"),
+            (f"  p50 / p99 / p99.9 latency ms",
+             f"{r[f'sqlite_p50_{c}']:.2f} / {r[f'sqlite_p99_{c}']:.2f} / {r[f'sqlite_p999_{c}']:.2f}", ""),
+            (f"  non-2xx answers / runs loss-checked", f"{r[f'sqlite_non2xx_{c}']:.0f} / {r[f'sqlite_verified_{c}']:.0f}", ""),
             (f"nen-relay with one forwarding target, committed/s ({c} conn)", f"{r[f'forward_rate_{c}']:,.0f}",
              f"{ratio(r[f'forward_rate_{c}'], relay)} of without"),
             (f"  p99 ms / non-2xx / left pending", f"{r[f'forward_p99_{c}']:.2f} / {r[f'forward_non2xx_{c}']:.0f} / {r[f'forward_left_{c}']:.0f}", ""),
@@ -32,6 +38,7 @@ def table(r, connections):
              f"nen-relay is {ratio(relay, r[f'pgbench_tps_{c}'])}"),
         ]
     rows.append(("nen-relay peak RSS (VmHWM) MiB", f"{r['relay_peak_rss_kib'] / 1024:.1f}", ""))
+    rows.append(("nen-relay on SQLite peak RSS MiB", f"{r['sqlite_peak_rss_kib'] / 1024:.1f}", ""))
     rows.append(("nen-relay with forwarding peak RSS MiB", f"{r['forward_peak_rss_kib'] / 1024:.1f}", ""))
     rows.append(("forwarding lag, commit to sink, p50 / p99 ms",
                  f"{r['forward_lag_p50_ms']:.0f} / {r['forward_lag_p99_ms']:.0f}", ""))

@@ -9,6 +9,14 @@
 //! and decides in Rust (`plan`, `forward_only`); its statements only store the result. That
 //! includes forwarding (`changes`): a change of a run queues its outbox messages in the same
 //! transaction, and one writer numbers them in commit order.
+//!
+//! Every statement is a round trip to the thread that owns the connection, and on a busy machine
+//! each one waits to be scheduled: that wait, not SQLite, was most of the cost of a batch. So a
+//! batch is written with one multi-row statement per step, whatever its size: insert the events,
+//! count the copies of stored ones it repeats (only when there are any; one more statement when
+//! some of their bodies differ), read the runs, write them, and with forwarding targets read the
+//! changed runs and queue their messages; with `begin` and `commit`, five to eight round trips
+//! per batch.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,6 +29,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
+use sqlx::{QueryBuilder, Sqlite};
 
 use super::changes;
 use super::claim::ExistingClaim;
@@ -76,6 +85,10 @@ impl SqliteStore {
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
+            // Every statement is a round trip to the connection's worker thread; a ping per
+            // checkout would add one to every batch. A broken connection fails its first
+            // statement instead.
+            .test_before_acquire(false)
             .acquire_timeout(options.acquire_timeout)
             .connect_with(
                 base.clone()
@@ -160,78 +173,146 @@ fn time_from_text(text: &str) -> Result<DateTime<Utc>, StoreError> {
         })
 }
 
-/// Inserts each group's first delivery as an event unless `(message_id, status)` exists.
-/// Returns, per group, whether it became a new event. Groups are inserted in arrival order, so
-/// that event ids follow arrival within a batch too.
+/// Rows per multi-row statement. SQLite (3.32 and later; the bundled one is newer) takes up to
+/// 32,766 parameters in one statement, and the widest row here (`write_runs`) binds 13, so a
+/// batch of up to this many rows per table is one statement.
+const ROWS_PER_STATEMENT: usize = 256;
+
+/// Inserts each group's first delivery as an event unless `(message_id, status)` exists, with
+/// one statement per [`ROWS_PER_STATEMENT`] groups. Returns, per group, whether it became a new
+/// event. Rows are inserted in arrival order, so that event ids follow arrival within a batch
+/// too.
+///
+/// The statements are not kept prepared: their text depends on the batch size, and caching
+/// every size would push the other statements out of the connection's cache.
 async fn insert_events(
     connection: &mut SqliteConnection,
     plan: &BatchPlan<'_>,
 ) -> Result<Vec<bool>, sqlx::Error> {
-    let mut inserted = Vec::with_capacity(plan.groups.len());
-    for group in &plan.groups {
-        let first = plan.first(group);
-        let done = sqlx::query(
+    let mut inserted = vec![false; plan.groups.len()];
+    let groups: Vec<usize> = (0..plan.groups.len()).collect();
+    for chunk in groups.chunks(ROWS_PER_STATEMENT) {
+        let mut statement = QueryBuilder::<Sqlite>::new(
             "insert into events (message_id, status, received_at, last_received_at, payload, \
-                                 body_sha256, key_id, duplicates, differing_duplicates) \
-             values (?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             on conflict (message_id, status) do nothing",
-        )
-        .bind(&first.message_id)
-        .bind(&first.status)
-        .bind(time_text(first.received_at))
-        .bind(time_text(plan.last_received_at(group)))
-        .bind(first.body_text())
-        .bind(first.body_sha256.as_slice())
-        .bind(&first.key_id)
-        .bind(group.repeats.len() as i64)
-        .bind(plan.differing_repeats(group) as i64)
-        .execute(&mut *connection)
-        .await?;
-        inserted.push(done.rows_affected() == 1);
+                                 body_sha256, key_id, duplicates, differing_duplicates) ",
+        );
+        statement.push_values(chunk, |mut row, &g| {
+            let group = &plan.groups[g];
+            let first = plan.first(group);
+            row.push_bind(first.message_id.as_str())
+                .push_bind(first.status.as_str())
+                .push_bind(time_text(first.received_at))
+                .push_bind(time_text(plan.last_received_at(group)))
+                .push_bind(first.body_text())
+                .push_bind(first.body_sha256.as_slice())
+                .push_bind(first.key_id.as_str())
+                .push_bind(group.repeats.len() as i64)
+                .push_bind(plan.differing_repeats(group) as i64);
+        });
+        // Only the rows actually inserted come back, in no promised order: found by key.
+        statement.push(" on conflict (message_id, status) do nothing returning message_id, status");
+        let new_rows: Vec<(String, String)> = statement
+            .build_query_as()
+            .persistent(false)
+            .fetch_all(&mut *connection)
+            .await?;
+        let by_key: HashMap<(&str, &str), usize> = chunk
+            .iter()
+            .map(|&g| {
+                let first = plan.first(&plan.groups[g]);
+                ((first.message_id.as_str(), first.status.as_str()), g)
+            })
+            .collect();
+        for (message_id, status) in &new_rows {
+            if let Some(&g) = by_key.get(&(message_id.as_str(), status.as_str())) {
+                inserted[g] = true;
+            }
+        }
     }
     Ok(inserted)
 }
 
-/// Adds every copy of an existing event to its counters. Returns, per group that was not
-/// inserted, the stored body's hash (to tell identical copies from differing ones).
+/// Adds every copy of an existing event to its counters. One statement counts the copies of
+/// every group that was not inserted and returns the stored body's hash; only when some copy's
+/// body differs from it does a second one count those (per [`ROWS_PER_STATEMENT`] groups).
+/// Returns, per group that was not inserted, the stored body's hash (to tell identical copies
+/// from differing ones).
 async fn count_duplicates(
     connection: &mut SqliteConnection,
     plan: &BatchPlan<'_>,
     inserted: &[bool],
 ) -> Result<Vec<Option<[u8; 32]>>, sqlx::Error> {
     let mut stored = vec![None; plan.groups.len()];
-    for (g, group) in plan.groups.iter().enumerate() {
-        if inserted[g] {
+    let existing: Vec<usize> = (0..plan.groups.len()).filter(|&g| !inserted[g]).collect();
+    for chunk in existing.chunks(ROWS_PER_STATEMENT) {
+        let mut count = QueryBuilder::<Sqlite>::new(
+            "update events \
+             set duplicates = duplicates + v.column3, \
+                 last_received_at = max(last_received_at, v.column4) \
+             from (",
+        );
+        count.push_values(chunk, |mut row, &g| {
+            let group = &plan.groups[g];
+            let first = plan.first(group);
+            row.push_bind(first.message_id.as_str())
+                .push_bind(first.status.as_str())
+                .push_bind(plan.copies(group).count() as i64)
+                .push_bind(time_text(plan.last_received_at(group)));
+        });
+        // `returning` may only name the updated table: rows are found by key.
+        count.push(
+            ") as v where events.message_id = v.column1 and events.status = v.column2 \
+             returning events.message_id, events.status, events.id, events.body_sha256",
+        );
+        let rows: Vec<(String, String, i64, Vec<u8>)> = count
+            .build_query_as()
+            .persistent(false)
+            .fetch_all(&mut *connection)
+            .await?;
+        // Inside the write transaction that found each of these events already stored.
+        if rows.len() != chunk.len() {
+            return Err(sqlx::Error::RowNotFound);
+        }
+        let by_key: HashMap<(&str, &str), usize> = chunk
+            .iter()
+            .map(|&g| {
+                let first = plan.first(&plan.groups[g]);
+                ((first.message_id.as_str(), first.status.as_str()), g)
+            })
+            .collect();
+        let mut differing: Vec<(i64, i64)> = Vec::new();
+        for (message_id, status, id, stored_sha256) in &rows {
+            let Some(&g) = by_key.get(&(message_id.as_str(), status.as_str())) else {
+                return Err(sqlx::Error::RowNotFound);
+            };
+            let copies = plan.differing_copies(&plan.groups[g], stored_sha256) as i64;
+            if copies > 0 {
+                differing.push((*id, copies));
+            }
+            stored[g] = <[u8; 32]>::try_from(stored_sha256.as_slice()).ok();
+        }
+        if differing.is_empty() {
             continue;
         }
-        let first = plan.first(group);
-        let (id, stored_sha256): (i64, Vec<u8>) = sqlx::query_as(
-            "select id, body_sha256 from events where message_id = ? and status = ?",
-        )
-        .bind(&first.message_id)
-        .bind(&first.status)
-        .fetch_one(&mut *connection)
-        .await?;
-        sqlx::query(
-            "update events \
-             set duplicates = duplicates + ?, \
-                 differing_duplicates = differing_duplicates + ?, \
-                 last_received_at = max(last_received_at, ?) \
-             where id = ?",
-        )
-        .bind(plan.copies(group).count() as i64)
-        .bind(plan.differing_copies(group, &stored_sha256) as i64)
-        .bind(time_text(plan.last_received_at(group)))
-        .bind(id)
-        .execute(&mut *connection)
-        .await?;
-        stored[g] = <[u8; 32]>::try_from(stored_sha256.as_slice()).ok();
+        let mut update = QueryBuilder::<Sqlite>::new(
+            "update events set differing_duplicates = differing_duplicates + v.column2 from (",
+        );
+        update.push_values(&differing, |mut row, (id, copies)| {
+            row.push_bind(*id).push_bind(*copies);
+        });
+        update.push(") as v where events.id = v.column1");
+        update
+            .build()
+            .persistent(false)
+            .execute(&mut *connection)
+            .await?;
     }
     Ok(stored)
 }
 
-/// Creates or moves forward every run that got a new event. Returns each one's final status,
-/// and the runs that changed (`changes::is_change`), in key order.
+/// Creates or moves forward every run that got a new event: one statement reads them, one
+/// writes them. Returns each one's final status, and the runs that changed
+/// (`changes::is_change`), in key order.
 async fn apply_run_changes(
     connection: &mut SqliteConnection,
     plan: &BatchPlan<'_>,
@@ -245,21 +326,24 @@ async fn apply_run_changes(
     .await?;
     let mut final_status = HashMap::with_capacity(run_changes.len());
     let mut changed = Vec::new();
+    let mut runs: Vec<(&str, RunState)> = Vec::with_capacity(run_changes.len());
     for change in &run_changes {
         let before = stored.remove(&change.message_id);
         let before_status = before.as_ref().map(|run| run.status.clone());
         let run = RunState::advanced(before, change);
-        write_run(&mut *connection, &change.message_id, &run).await?;
         if changes::is_change(before_status.as_deref(), &run.status) {
             changed.push(change.message_id.clone());
         }
-        final_status.insert(change.message_id.clone(), run.status);
+        final_status.insert(change.message_id.clone(), run.status.clone());
+        runs.push((change.message_id.as_str(), run));
     }
+    write_runs(&mut *connection, &runs).await?;
     Ok((final_status, changed))
 }
 
 /// Queues a `run.status_changed` message per target for each run named, as the transaction of
-/// `connection` holds it now (read as `get_run` reads it). Nothing when no run is named.
+/// `connection` holds it now (read as `get_run` reads it): one statement reads the runs, one
+/// writes the messages (per [`ROWS_PER_STATEMENT`] messages). Nothing when no run is named.
 async fn queue_changes(
     connection: &mut SqliteConnection,
     targets: &[String],
@@ -282,19 +366,26 @@ async fn queue_changes(
     let queued = changes::status_changed(targets, &runs)
         .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
     let now = time_text(Utc::now());
-    for message in &queued {
-        sqlx::query(
+    // In the order given, so that ids number a run's messages in the order of its changes.
+    for chunk in queued.chunks(ROWS_PER_STATEMENT) {
+        let mut statement = QueryBuilder::<Sqlite>::new(
             "insert into forward_outbox (target, message_id, event_type, run, \
-                                         committed_at, queued_at, next_attempt_at) \
-             values (?1, ?2, ?3, ?4, ?5, ?5, ?5)",
-        )
-        .bind(message.target)
-        .bind(&message.message_id)
-        .bind(STATUS_CHANGED)
-        .bind(&message.run)
-        .bind(&now)
-        .execute(&mut *connection)
-        .await?;
+                                         committed_at, queued_at, next_attempt_at) ",
+        );
+        statement.push_values(chunk, |mut row, message| {
+            row.push_bind(message.target)
+                .push_bind(message.message_id.as_str())
+                .push_bind(STATUS_CHANGED)
+                .push_bind(message.run.as_str())
+                .push_bind(now.as_str())
+                .push_bind(now.as_str())
+                .push_bind(now.as_str());
+        });
+        statement
+            .build()
+            .persistent(false)
+            .execute(&mut *connection)
+            .await?;
     }
     Ok(())
 }
@@ -326,48 +417,55 @@ async fn read_runs<'a>(
         .collect()
 }
 
-/// Stores a run as [`RunState`] decided it, creating it if it is new. Only called inside a
-/// write transaction that read the run first, so no other writer can come in between: nothing
-/// is left to decide here.
-async fn write_run(
+/// Stores runs as [`RunState`] decided them, creating those that are new, with one statement
+/// per [`ROWS_PER_STATEMENT`] runs. Only called inside a write transaction that read the runs
+/// first, so no other writer can come in between: nothing is left to decide here.
+async fn write_runs(
     connection: &mut SqliteConnection,
-    message_id: &str,
-    run: &RunState,
+    runs: &[(&str, RunState)],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "insert into runs (message_id, workflow_id, status, status_rank, created_at, \
-                           updated_at, completed_at, expires_at, result, assets_url, error, \
-                           triggered_here, workflow_params) \
-         values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-         on conflict (message_id) do update set \
-             workflow_id = excluded.workflow_id, \
-             status = excluded.status, \
-             status_rank = excluded.status_rank, \
-             created_at = excluded.created_at, \
-             updated_at = excluded.updated_at, \
-             completed_at = excluded.completed_at, \
-             expires_at = excluded.expires_at, \
-             result = excluded.result, \
-             assets_url = excluded.assets_url, \
-             error = excluded.error, \
-             triggered_here = excluded.triggered_here, \
-             workflow_params = excluded.workflow_params",
-    )
-    .bind(message_id)
-    .bind(&run.workflow_id)
-    .bind(&run.status)
-    .bind(run.rank().as_i16())
-    .bind(time_text(run.created_at))
-    .bind(time_text(run.updated_at))
-    .bind(run.completed_at.map(time_text))
-    .bind(run.expires_at.map(time_text))
-    .bind(&run.result)
-    .bind(&run.assets_url)
-    .bind(&run.error)
-    .bind(run.triggered_here)
-    .bind(&run.workflow_params)
-    .execute(&mut *connection)
-    .await?;
+    for chunk in runs.chunks(ROWS_PER_STATEMENT) {
+        let mut statement = QueryBuilder::<Sqlite>::new(
+            "insert into runs (message_id, workflow_id, status, status_rank, created_at, \
+                               updated_at, completed_at, expires_at, result, assets_url, error, \
+                               triggered_here, workflow_params) ",
+        );
+        statement.push_values(chunk, |mut row, (message_id, run)| {
+            row.push_bind(*message_id)
+                .push_bind(run.workflow_id.as_deref())
+                .push_bind(run.status.as_str())
+                .push_bind(run.rank().as_i16())
+                .push_bind(time_text(run.created_at))
+                .push_bind(time_text(run.updated_at))
+                .push_bind(run.completed_at.map(time_text))
+                .push_bind(run.expires_at.map(time_text))
+                .push_bind(run.result.as_deref())
+                .push_bind(run.assets_url.as_deref())
+                .push_bind(run.error.as_deref())
+                .push_bind(run.triggered_here)
+                .push_bind(run.workflow_params.as_deref());
+        });
+        statement.push(
+            " on conflict (message_id) do update set \
+                 workflow_id = excluded.workflow_id, \
+                 status = excluded.status, \
+                 status_rank = excluded.status_rank, \
+                 created_at = excluded.created_at, \
+                 updated_at = excluded.updated_at, \
+                 completed_at = excluded.completed_at, \
+                 expires_at = excluded.expires_at, \
+                 result = excluded.result, \
+                 assets_url = excluded.assets_url, \
+                 error = excluded.error, \
+                 triggered_here = excluded.triggered_here, \
+                 workflow_params = excluded.workflow_params",
+        );
+        statement
+            .build()
+            .persistent(false)
+            .execute(&mut *connection)
+            .await?;
+    }
     Ok(())
 }
 
@@ -617,7 +715,7 @@ impl Store for SqliteStore {
         // Only a new run changes: a trigger never moves a run a callback created first.
         let created = before.is_none();
         let state = RunState::triggered(before, run);
-        write_run(&mut tx, &run.message_id, &state).await?;
+        write_runs(&mut tx, &[(run.message_id.as_str(), state)]).await?;
         if created && !self.forward_targets.is_empty() {
             queue_changes(
                 &mut tx,

@@ -306,6 +306,68 @@ async fn only_new_events_move_a_run_when_a_batch_mixes_in_repeats(db: TestDataba
     assert_eq!(events[0].last_received_at, at(4));
 }
 
+/// More keys than one multi-row statement carries (SQLite writes 256 rows per statement): every
+/// part of a wide batch is written, new events and repeats of stored ones alike.
+async fn a_batch_wider_than_one_statement_is_recorded_whole(db: TestDatabase) {
+    let store = open(&db).await;
+    const RUNS: usize = 300;
+    let processing: Vec<String> = (0..RUNS)
+        .map(|i| callback(&format!("m-wide-{i}"), "processing", json!({})))
+        .collect();
+    let first: Vec<_> = processing
+        .iter()
+        .enumerate()
+        .map(|(i, body)| delivery(body, i as i64))
+        .collect();
+    assert_eq!(
+        store.record_deliveries(&first).await.unwrap(),
+        vec![NEW; RUNS]
+    );
+
+    // Each run again: its processing (every odd one with a differing body), then its success.
+    let mut second = Vec::new();
+    let mut expected = Vec::new();
+    for (i, body) in processing.iter().enumerate() {
+        let millis = (RUNS + 2 * i) as i64;
+        if i % 2 == 1 {
+            let altered = callback(
+                &format!("m-wide-{i}"),
+                "processing",
+                json!({"expires_at": 1_900_000_000}),
+            );
+            second.push(delivery(&altered, millis));
+            expected.push(DIFFERING_REPEAT);
+        } else {
+            second.push(delivery(body, millis));
+            expected.push(REPEAT);
+        }
+        let success = callback(&format!("m-wide-{i}"), "success", json!({"result": [i]}));
+        second.push(delivery(&success, millis + 1));
+        expected.push(NEW);
+    }
+    assert_eq!(store.record_deliveries(&second).await.unwrap(), expected);
+
+    for i in 0..RUNS {
+        let message_id = format!("m-wide-{i}");
+        let run = run(&store, &message_id).await;
+        assert_eq!(run.status, "success", "{message_id}");
+        assert_eq!(result_of(&run), Some(json!([i])), "{message_id}");
+        assert_eq!(run.created_at, at(i as i64), "{message_id}");
+        let events = store.list_events(&message_id).await.unwrap();
+        let counts: Vec<(&str, i64, i64)> = events
+            .iter()
+            .map(|e| (e.status.as_str(), e.duplicates, e.differing_duplicates))
+            .collect();
+        let differing = i64::from(i % 2 == 1);
+        assert_eq!(
+            counts,
+            vec![("processing", 1, differing), ("success", 0, 0)],
+            "{message_id}"
+        );
+        assert_eq!(events[0].last_received_at, at((RUNS + 2 * i) as i64));
+    }
+}
+
 async fn fields_the_winner_lacks_come_from_the_first_new_event_in_its_batch(db: TestDatabase) {
     let store = open(&db).await;
     // Three new statuses in one batch, each further than the last; the winner carries neither
@@ -1335,6 +1397,7 @@ on_both_backends!(
     a_conflicting_terminal_is_flagged_and_never_wins,
     a_differing_duplicate_is_flagged_and_counted,
     only_new_events_move_a_run_when_a_batch_mixes_in_repeats,
+    a_batch_wider_than_one_statement_is_recorded_whole,
     fields_the_winner_lacks_come_from_the_first_new_event_in_its_batch,
     a_late_processing_never_regresses_but_fills_gaps,
     concurrent_batches_with_overlapping_keys_store_each_key_once,

@@ -146,7 +146,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let rank = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len());
         f64::from(latencies[rank - 1]) / 1000.0
     };
-    let (p50, p99, max) = (percentile(0.50), percentile(0.99), percentile(1.0));
+    let (p50, p99, p999, max) = (
+        percentile(0.50),
+        percentile(0.99),
+        percentile(0.999),
+        percentile(1.0),
+    );
     let count =
         |wanted: &dyn Fn(u16) -> bool| outcome.answers.iter().filter(|&&s| wanted(s)).count();
     let as_expected = count(&|status| status == expected);
@@ -171,7 +176,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "throughput: {rate:.0} answered {expected}/s ({as_expected} of {}); non-2xx: {non_2xx}; unanswered: {unanswered}",
         outcome.sent
     );
-    println!("latency: p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms");
+    println!("latency: p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, max {max:.2} ms");
     if by_status.len() > 1 || !by_status.contains_key(&expected) {
         let summary: Vec<String> = by_status
             .iter()
@@ -213,6 +218,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "rate": rate,
             "p50_ms": p50,
             "p99_ms": p99,
+            "p999_ms": p999,
             "max_ms": max,
             "non_2xx": non_2xx,
             "unanswered": unanswered,
