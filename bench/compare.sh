@@ -67,7 +67,8 @@ start_background "$workdir/sink.log" "$SINK" --port "$sink_port"
 wait_for "http://127.0.0.1:$sink_port/stats"
 forward_port=$(free_port)
 forward_secret="whsec_$(head -c 32 /dev/urandom | base64 -w0)"
-DATABASE_URL=$forward_db NEN_RELAY_BIND=127.0.0.1:$forward_port NEN_RELAY_LOG_FORMAT=json \
+# A smaller pool, so that pgbench's 64 clients still fit in max_connections (100) beside it.
+DATABASE_URL=$forward_db NEN_RELAY_BIND=127.0.0.1:$forward_port NEN_RELAY_LOG_FORMAT=json NEN_RELAY_STORE__MAX_CONNECTIONS=6 \
   NEN_RELAY_FORWARD__SINK__URL="http://127.0.0.1:$sink_port/hooks" \
   NEN_RELAY_FORWARD__SINK__SECRET="$forward_secret" \
   start_background "$workdir/forward.log" "$BIN" serve
