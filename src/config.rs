@@ -488,7 +488,8 @@ fn require_private_transport(name: &str, url: &Url) -> Result<(), ConfigError> {
     )))
 }
 
-fn is_loopback(url: &Url) -> bool {
+/// Whether a URL's host is this machine: 127.0.0.0/8, ::1 or localhost.
+pub(crate) fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),

@@ -7,7 +7,7 @@ use base64::Engine;
 use secrecy::{ExposeSecret, SecretBox};
 use url::Url;
 
-use crate::config::TargetSettings;
+use crate::config::{is_loopback, TargetSettings};
 
 /// Standard Webhooks secrets are written `whsec_<base64 of the key bytes>`.
 const SECRET_PREFIX: &str = "whsec_";
@@ -106,15 +106,6 @@ fn decode_secret(secret: &str) -> Result<Vec<u8>, &'static str> {
         return Err("must hold at least 16 bytes (24 to 64 random bytes, base64-encoded)");
     }
     Ok(key)
-}
-
-fn is_loopback(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
-        None => false,
-    }
 }
 
 #[cfg(test)]
