@@ -9,13 +9,12 @@
 //! ([`RECORD_BATCH`] says how and why); without targets nothing of that runs.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
 use sqlx::postgres::{
     PgArguments, PgConnectOptions, PgConnection, PgExecutor, PgListener, PgPool, PgPoolOptions,
 };
@@ -128,41 +127,18 @@ impl PostgresStore {
         Ok(outcomes)
     }
 
-    /// A batch with forwarding: [`RECORD_BATCH`] in a transaction that also queues the runs it
-    /// changed (see there). `message_ids`: the batch's runs, sorted, each once. `None` when a
-    /// writer that takes no forwarding lock created one of them meanwhile: it exists now, so
-    /// try again.
+    /// A batch with forwarding: [`RECORD_BATCH`], then the messages of the runs it moved, in
+    /// one transaction (see there).
     async fn try_record_forwarding(
         &self,
         plan: &BatchPlan<'_>,
-        message_ids: &[&str],
-    ) -> Result<Option<Vec<DeliveryOutcome>>, sqlx::Error> {
+    ) -> Result<Vec<DeliveryOutcome>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        lock_runs(&mut tx, message_ids.iter().copied()).await?;
-        let before: HashMap<String, String> = sqlx::query_as(READ_STATUSES)
-            .bind(message_ids)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
         let (outcomes, moved) = record_batch(&mut *tx, plan).await?;
-        let mut changed = Vec::new();
-        for (message_id, status) in &moved.final_status {
-            let before = match before.get(message_id) {
-                Some(before) => Some(before.as_str()),
-                None if moved.created.contains(message_id) => None,
-                None => {
-                    tx.rollback().await?;
-                    return Ok(None);
-                }
-            };
-            if changes::is_change(before, status) {
-                changed.push(message_id.as_str());
-            }
-        }
+        let changed: Vec<&str> = moved.changed.iter().map(String::as_str).collect();
         self.queue_changes(&mut tx, &changed).await?;
         tx.commit().await?;
-        Ok(Some(outcomes))
+        Ok(outcomes)
     }
 
     /// Queues a `run.status_changed` message per target for each run named, as it is now in
@@ -206,30 +182,6 @@ impl PostgresStore {
     }
 }
 
-/// Takes the forwarding locks of the runs named, for the rest of the transaction (see
-/// [`RECORD_BATCH`]): every writer that queues messages takes them before it touches a run, in
-/// one order, so that two such writers never wait on each other in a cycle.
-async fn lock_runs<'a>(
-    connection: &mut PgConnection,
-    message_ids: impl IntoIterator<Item = &'a str>,
-) -> Result<(), sqlx::Error> {
-    let mut keys: Vec<i32> = message_ids
-        .into_iter()
-        .map(|message_id| {
-            let digest = Sha256::digest(message_id.as_bytes());
-            i32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
-        })
-        .collect();
-    keys.sort_unstable();
-    keys.dedup();
-    sqlx::query(LOCK_RUNS)
-        .bind(FORWARD_LOCK_CLASS)
-        .bind(&keys)
-        .execute(connection)
-        .await?;
-    Ok(())
-}
-
 /// Writes a batch with [`RECORD_BATCH`] on `executor`: each delivery's outcome, and the runs
 /// it moved.
 async fn record_batch<'c>(
@@ -251,8 +203,8 @@ async fn record_batch<'c>(
         match row.inserted {
             // A run row: the status the run settled on.
             None => {
-                if row.created == Some(true) {
-                    moved.created.insert(row.message_id.clone());
+                if row.changed == Some(true) {
+                    moved.changed.insert(row.message_id.clone());
                 }
                 moved.final_status.insert(row.message_id, row.status);
             }
@@ -275,13 +227,14 @@ async fn record_batch<'c>(
     ))
 }
 
-/// The runs a batch moved.
+/// The runs a batch wrote.
 #[derive(Default)]
 struct MovedRuns {
     /// Each one's status after the batch.
     final_status: HashMap<String, String>,
-    /// Those the batch created.
-    created: HashSet<String>,
+    /// Those it changed (`changes::is_change`): created, or moved to a further status. In key
+    /// order, the order their messages are queued in.
+    changed: BTreeSet<String>,
 }
 
 /// A row of [`RECORD_BATCH`]: one per group of the batch, then one per run it moved.
@@ -294,8 +247,9 @@ struct BatchRow {
     inserted: Option<bool>,
     /// For a group whose event was already stored: that event's body hash.
     stored_body_sha256: Option<Vec<u8>>,
-    /// For a run: whether the batch created it. Null for a group.
-    created: Option<bool>,
+    /// For a run: whether the batch changed it (created it, or moved it to a further status).
+    /// Null for a group.
+    changed: Option<bool>,
 }
 
 /// A whole batch in one statement, so one round trip and one implicit transaction. `batch` has
@@ -325,36 +279,26 @@ struct BatchRow {
 ///    makes the statement evaluate `announced`; it is always true.
 ///
 /// Every group comes back as `(message_id, status, inserted, stored_body_sha256, null)`, and
-/// every moved run as `(message_id, its final status, null, null, created)`, `created` telling
-/// a run this statement inserted (`xmax = 0`) from one it updated. Rows are written in key
-/// order, so that concurrent writers lock them in one order.
+/// every moved run as `(message_id, its final status, null, null, changed)`. `changed` is
+/// `changes::is_change` in SQL: the statement created the run (`previous_status_rank` stays
+/// null), or raised its rank. The update keeps the rank it found in `previous_status_rank`
+/// (migration 0006), because `on conflict do update ... returning` sees only the row it left,
+/// and the row it found is the latest committed one, read under its row lock: exact even when
+/// another writer moved the run between this statement's snapshot and its update. Rows are
+/// written in key order, so that concurrent writers lock them in one order.
 ///
 /// Without forwarding targets this statement is the whole batch. With targets, every change of
-/// a run must queue its messages in the transaction that commits it, and which runs changed
-/// (`changes::is_change`) needs each run's status before the batch, which this statement
-/// cannot return (`on conflict do update ... returning` only sees the new row). So the batch
-/// becomes an explicit transaction (`PostgresStore::try_record_forwarding`):
-/// 1. [`LOCK_RUNS`] takes a transaction-level advisory lock per run of the batch, existing or
-///    not, in key order. Every writer that queues messages (batches, triggered runs) takes them
-///    first, so none of them can touch these runs before this transaction commits.
-/// 2. [`READ_STATUSES`], a statement of its own so that it sees every commit made before the
-///    locks were granted: the statuses the batch starts from.
-/// 3. this statement. A run it updated but 2 did not see was created in between by a writer
-///    that took no lock (a replica without targets): its status before is unknown, so the
-///    transaction rolls back and tries again.
-/// 4. the changed runs are read with [`GET_RUNS`] (the columns of `get_run`), rendered as the
-///    API renders them, and queued with [`QUEUE_CHANGES`], which also notifies
-///    `feed::FORWARD_CHANNEL` (delivered at commit).
+/// a run queues its messages in the transaction that commits it
+/// (`PostgresStore::try_record_forwarding`): begin, this statement, the changed runs read with
+/// [`GET_RUNS`] (the columns of `get_run`, so they see this statement's events) and rendered as
+/// the API renders them, [`QUEUE_CHANGES`] (which also notifies `feed::FORWARD_CHANNEL`, at
+/// commit), commit. The row lock this statement takes on each run it moves is held to the
+/// commit, so a later writer of the same run (a batch, a triggered run, the stuck sweep) waits
+/// for it before it queues anything: the messages of a run are inserted, and numbered, in
+/// commit order, which is the order they are sent in.
 ///
-/// Row locks would not do for 1: a run that does not exist yet cannot be locked, and a writer
-/// that locked existing runs before its events would wait on, and be waited on by, a writer
-/// that reaches the same runs through this statement (events first, then runs): deadlocks,
-/// which concurrent tests hit at once. Advisory locks cover absent runs, and are all taken
-/// before anything else, in one order. Because a run's lock is held to the commit, the
-/// messages of one run are inserted, and numbered, in commit order: the order they are sent in.
-///
-/// Round trips: 1 without targets; with targets, 5 (begin, 1, 2, 3, commit), plus 2 for step 4
-/// when the batch changed a run.
+/// Round trips: 1 without targets; with targets 3 (begin, this, commit), plus 2 when the batch
+/// changed a run.
 const RECORD_BATCH: &str = "\
 with batch (message_id, status, arrival, status_rank, received_at, last_received_at, payload,
             body_sha256, key_id, repeats, differing_repeats, copy_hashes,
@@ -435,18 +379,20 @@ moved_runs as (
         assets_url = case when excluded.status_rank > runs.status_rank
                           then excluded.assets_url else runs.assets_url end,
         error = case when excluded.status_rank > runs.status_rank
-                     then excluded.error else runs.error end
-    returning message_id, status, xmax = 0 as created),
+                     then excluded.error else runs.error end,
+        previous_status_rank = runs.status_rank
+    returning message_id, status,
+              previous_status_rank is null or status_rank > previous_status_rank as changed),
 announced as (
     select count(*) as sent
     from (select pg_notify('nen_relay_terminal_runs', payload)
           from unnest($18::text[]) as payload) as notifications)
 select message_id, status, inserted,
        case when inserted then null else body_sha256 end as stored_body_sha256,
-       null::boolean as created
+       null::boolean as changed
 from recorded_events
 union all
-select message_id, status, null, null, created
+select message_id, status, null, null, changed
 from moved_runs
 where (select sent from announced) >= 0";
 
@@ -610,18 +556,8 @@ const GET_RUN: &str = concat!(
     " from runs where message_id = $1"
 );
 
-/// The class of the forwarding locks ([`LOCK_RUNS`]): the first of their two keys, a key space
-/// apart from the retention sweep's one-key lock ("nrfw" in ASCII).
-const FORWARD_LOCK_CLASS: i32 = 0x6e72_6677;
-
-/// Step 1 of a batch with forwarding targets (see [`RECORD_BATCH`]): the advisory lock of each
-/// run, `$2` its keys sorted and each once ([`lock_runs`]); `unnest` yields them in order.
-const LOCK_RUNS: &str = "select pg_advisory_xact_lock($1, key) from unnest($2::int4[]) as key";
-
-/// Step 2 of a batch with forwarding targets: the status each run of the batch starts from.
-const READ_STATUSES: &str = "select message_id, status from runs where message_id = any($1)";
-
-/// Runs as [`GET_RUN`] reads them, several at once: step 3 of [`RECORD_BATCH`].
+/// Runs as [`GET_RUN`] reads them, several at once: the changed runs of a batch with
+/// forwarding targets ([`RECORD_BATCH`]).
 const GET_RUNS: &str = concat!(
     "select ",
     run_columns!(),
@@ -629,8 +565,8 @@ const GET_RUNS: &str = concat!(
 );
 
 /// Queues one `$4` message per `($1 target, $2 message_id, $3 run)`, committed, queued and due
-/// at `$5`, and notifies channel `$6` (`feed::FORWARD_CHANNEL`) at commit: step 3 of
-/// [`RECORD_BATCH`], and the trigger's.
+/// at `$5`, and notifies channel `$6` (`feed::FORWARD_CHANNEL`) at commit: a batch's (see
+/// [`RECORD_BATCH`]), and the trigger's.
 const QUEUE_CHANGES: &str = "\
 with queued as (
     insert into forward_outbox (target, message_id, event_type, run,
@@ -740,26 +676,11 @@ impl Store for PostgresStore {
                 }
             }
         }
-        let mut message_ids: Vec<&str> = deliveries
-            .iter()
-            .map(|delivery| delivery.message_id.as_str())
-            .collect();
-        message_ids.sort_unstable();
-        message_ids.dedup();
-        // A run found created meanwhile (by a writer without targets) exists for every later
-        // attempt: those retries are bounded by the batch's runs, apart from deadlock retries.
-        let (mut attempt, mut raced) = (1, 0);
+        let mut attempt = 1;
         loop {
-            match self.try_record_forwarding(&plan, &message_ids).await {
-                Ok(Some(outcomes)) => return Ok(outcomes),
-                Ok(None) if raced < message_ids.len() => raced += 1,
-                Ok(None) => {
-                    return Err(StoreError::Unavailable(
-                        "runs of the batch kept being created by other writers".into(),
-                    ))
-                }
+            match self.try_record_forwarding(&plan).await {
                 Err(error) if is_retryable(&error) && attempt < MAX_ATTEMPTS => attempt += 1,
-                Err(error) => return Err(error.into()),
+                result => return result.map_err(StoreError::from),
             }
         }
     }
@@ -828,8 +749,8 @@ impl Store for PostgresStore {
             return Ok(());
         }
         // A run the statement created is new; one a callback created first does not change.
+        // Its row lock, held to the commit, orders this message after any other of the run.
         let mut tx = self.pool.begin().await?;
-        lock_runs(&mut tx, [run.message_id.as_str()]).await?;
         let created: bool = sqlx::query_scalar(RECORD_TRIGGERED_RUN)
             .bind(&run.message_id)
             .bind(&run.workflow_id)

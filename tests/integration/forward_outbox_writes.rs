@@ -513,12 +513,11 @@ async fn until_the_store_waits_for_a_lock(db: &TestDatabase) {
     }
 }
 
-/// A run created while a batch is written, by a writer that takes no forwarding lock (a
-/// replica without targets; plain SQL here), was not seen by the batch when it read the
-/// statuses it starts from: the batch cannot know what it changed until it tries again, and
-/// then decides as for any other run.
+/// A run that another writer (plain SQL here, in a transaction the test holds open) creates or
+/// moves while a batch is written, after the batch's snapshot: the batch's update waits for
+/// that commit, then decides from the row it finds under its lock, not from its snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_a_run_created_meanwhile_by_another_writer_is_decided_on_again() {
+async fn postgres_a_run_changed_meanwhile_by_another_writer_is_decided_on_from_its_commit() {
     let db = fresh_database(Backend::Postgres).await;
     let options = StoreOptions {
         forward_targets: vec!["alpha".into()],
@@ -527,24 +526,49 @@ async fn postgres_a_run_created_meanwhile_by_another_writer_is_decided_on_again(
         ..StoreOptions::default()
     };
     let store = open_with(&db, &options).await;
-    // (the run the other writer creates, its status, the batch's status, messages expected)
+    // (the run, its committed status before (none: absent), the status the other writer
+    // gives it, the batch's status, messages expected)
     let cases = [
-        ("m-meanwhile-done", "success", "processing", 0),
-        ("m-meanwhile-moved", "submitted", "processing", 1),
+        ("m-meanwhile-done", None, "success", "processing", 0),
+        ("m-meanwhile-moved", None, "submitted", "processing", 1),
+        (
+            "m-meanwhile-overtaken",
+            Some("submitted"),
+            "success",
+            "processing",
+            0,
+        ),
+        (
+            "m-meanwhile-advanced",
+            Some("submitted"),
+            "processing",
+            "success",
+            1,
+        ),
     ];
-    for (message_id, theirs, ours, messages) in cases {
+    for (message_id, before, theirs, ours, messages) in cases {
+        let upsert = "insert into runs (message_id, status, status_rank, created_at, updated_at)
+                      values ($1, $2, $3, now(), now())
+                      on conflict (message_id) do update
+                      set status = excluded.status, status_rank = excluded.status_rank";
         let mut other = PgConnection::connect(&db.url).await.unwrap();
+        if let Some(status) = before {
+            sqlx::query(upsert)
+                .bind(message_id)
+                .bind(status)
+                .bind(StatusRank::of(status).as_i16())
+                .execute(&mut other)
+                .await
+                .unwrap();
+        }
         let mut transaction = other.begin().await.unwrap();
-        sqlx::query(
-            "insert into runs (message_id, status, status_rank, created_at, updated_at)
-             values ($1, $2, $3, now(), now())",
-        )
-        .bind(message_id)
-        .bind(theirs)
-        .bind(StatusRank::of(theirs).as_i16())
-        .execute(&mut *transaction)
-        .await
-        .unwrap();
+        sqlx::query(upsert)
+            .bind(message_id)
+            .bind(theirs)
+            .bind(StatusRank::of(theirs).as_i16())
+            .execute(&mut *transaction)
+            .await
+            .unwrap();
         let writing = tokio::spawn({
             let store = store.clone();
             let batch = [delivery(&callback(message_id, ours, json!({})), 0)];
@@ -552,7 +576,7 @@ async fn postgres_a_run_created_meanwhile_by_another_writer_is_decided_on_again(
         });
         until_the_store_waits_for_a_lock(&db).await;
         transaction.commit().await.unwrap();
-        let outcomes = writing.await.unwrap().expect("recorded after trying again");
+        let outcomes = writing.await.unwrap().expect("recorded");
         assert!(!outcomes[0].duplicate);
         let rows = forward_rows(&db).await;
         let queued = messages_of(&rows, "alpha", message_id);
