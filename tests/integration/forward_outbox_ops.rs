@@ -448,6 +448,50 @@ async fn next_due_is_the_soonest_retry_still_to_come(db: TestDatabase) {
     assert_eq!(outbox.next_forward_due(T, at(5_000)).await.unwrap(), None);
 }
 
+/// A message sent again later holds back the later messages of its run (they could not go
+/// before it anyway), so that they are not due, and walked past by every claim, while a target
+/// is down; other runs' messages keep their own times, and a delivery holds back nothing.
+async fn a_retry_holds_back_the_later_messages_of_its_run(db: TestDatabase) {
+    let store = open(&db).await;
+    let outbox = store.outbox();
+    let a1 = insert(&db, T, "m-a", 0, 0).await;
+    let a2 = insert(&db, T, "m-a", 1, 1).await;
+    let a3 = insert(&db, T, "m-a", 2, 9_000).await;
+    let b1 = insert(&db, T, "m-b", 3, 3).await;
+    let elsewhere = insert(&db, "theirs", "m-a", 4, 4).await;
+    let held = lease(1_000);
+    let claimed = outbox
+        .claim_forward_messages(T, 10, held, at(10))
+        .await
+        .unwrap();
+    let mut claimed = ids(&claimed);
+    claimed.sort_unstable();
+    assert_eq!(claimed, vec![a1, b1]);
+    outbox
+        .finish_forward_attempts(&[
+            finished(a1, held, 20, retry(5_000, "HTTP 503")),
+            finished(b1, held, 20, AttemptOutcome::Delivered),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(stored(&db, a1).await.next_attempt_at, text(at(5_000)));
+    assert_eq!(stored(&db, a2).await.next_attempt_at, text(at(5_000)));
+    // Already later than the retry: it keeps its time.
+    assert_eq!(stored(&db, a3).await.next_attempt_at, text(at(9_000)));
+    assert_eq!(stored(&db, elsewhere).await.next_attempt_at, text(at(4)));
+    // Nothing of m-a is due before the retry; then the head goes first, as always.
+    assert!(outbox
+        .claim_forward_messages(T, 10, lease(5_000), at(4_999))
+        .await
+        .unwrap()
+        .is_empty());
+    let again = outbox
+        .claim_forward_messages(T, 10, lease(6_000), at(5_000))
+        .await
+        .unwrap();
+    assert_eq!(ids(&again), vec![a1]);
+}
+
 async fn the_queue_counts_pending_and_failed_and_shows_the_latest_error(db: TestDatabase) {
     let store = open(&db).await;
     let outbox = store.outbox();
@@ -828,6 +872,7 @@ async fn prune_deletes_old_delivered_and_failed_messages_only(db: TestDatabase) 
 }
 
 on_both_backends!(
+    a_retry_holds_back_the_later_messages_of_its_run,
     claims_go_in_id_order_and_wait_for_earlier_changes_of_the_run,
     a_lease_holds_a_message_until_it_ends_and_only_its_owner_records,
     next_due_is_the_soonest_retry_still_to_come,

@@ -50,22 +50,38 @@ returning id, target, message_id, event_type, run, committed_at, queued_at, atte
 
 /// Every outcome of a batch in one statement: `$4` is the kind (`delivered`, `retry`,
 /// `failed`). Only the lease holder's outcome counts; a delivery clears the error, which
-/// described an attempt before it.
+/// described an attempt before it. Returns how many outcomes counted.
+///
+/// `held_back`: a message sent again later holds back the later pending messages of its run,
+/// which cannot go before it anyway: they become due no sooner than it. Otherwise they stay
+/// due while it waits, and every claim walks past them (the claim's order probe still decides;
+/// this only keeps the walk short while a target is down). They are disjoint from `finished`:
+/// a message behind a pending one of its run is never claimed.
 const FINISH: &str = "\
-update forward_outbox as m set
-    state = case f.kind when 'delivered' then 'delivered'
-                        when 'failed' then 'failed'
-                        else 'pending' end,
-    attempts = m.attempts + 1,
-    last_attempt_at = f.attempted_at,
-    delivered_at = case when f.kind = 'delivered' then f.attempted_at else m.delivered_at end,
-    next_attempt_at = coalesce(f.next_attempt_at, m.next_attempt_at),
-    last_error = case when f.kind = 'delivered' then null else f.error end,
-    lease_owner = null,
-    lease_until = null
-from unnest($1::int8[], $2::text[], $3::timestamptz[], $4::text[], $5::timestamptz[],
-            $6::text[]) as f(id, owner, attempted_at, kind, next_attempt_at, error)
-where m.id = f.id and m.state = 'pending' and m.lease_owner = f.owner::uuid";
+with finished as (
+    update forward_outbox as m set
+        state = case f.kind when 'delivered' then 'delivered'
+                            when 'failed' then 'failed'
+                            else 'pending' end,
+        attempts = m.attempts + 1,
+        last_attempt_at = f.attempted_at,
+        delivered_at = case when f.kind = 'delivered' then f.attempted_at else m.delivered_at end,
+        next_attempt_at = coalesce(f.next_attempt_at, m.next_attempt_at),
+        last_error = case when f.kind = 'delivered' then null else f.error end,
+        lease_owner = null,
+        lease_until = null
+    from unnest($1::int8[], $2::text[], $3::timestamptz[], $4::text[], $5::timestamptz[],
+                $6::text[]) as f(id, owner, attempted_at, kind, next_attempt_at, error)
+    where m.id = f.id and m.state = 'pending' and m.lease_owner = f.owner::uuid
+    returning m.id, m.target, m.message_id, m.state, m.next_attempt_at),
+held_back as (
+    update forward_outbox as later set next_attempt_at = finished.next_attempt_at
+    from finished
+    where finished.state = 'pending'
+      and later.target = finished.target and later.message_id = finished.message_id
+      and later.state = 'pending' and later.id > finished.id
+      and later.next_attempt_at < finished.next_attempt_at)
+select count(*) from finished";
 
 /// The soonest `next_attempt_at` after `$2`: one step into `forward_outbox_pending`.
 const NEXT_DUE: &str = "\
@@ -200,16 +216,16 @@ pub(super) async fn finish(
         next_attempt_at.push(next);
         errors.push(error);
     }
-    let done = sqlx::query(FINISH)
+    let counted: i64 = sqlx::query_scalar(FINISH)
         .bind(&ids)
         .bind(&owners)
         .bind(&attempted_at)
         .bind(&kinds)
         .bind(&next_attempt_at)
         .bind(&errors)
-        .execute(&store.pool)
+        .fetch_one(&store.pool)
         .await?;
-    Ok(done.rows_affected())
+    Ok(u64::try_from(counted).unwrap_or(0))
 }
 
 pub(super) async fn next_due(

@@ -51,6 +51,15 @@ update forward_outbox set
     lease_until = null
 where id = ?1 and state = 'pending' and lease_owner = ?2";
 
+/// After `?1` was set to go again at `?2`: the later pending messages of its run become due no
+/// sooner than it, which they cannot go before anyway. Otherwise they stay due while it waits,
+/// and every claim walks past them (the claim's order probe still decides; this only keeps the
+/// walk short while a target is down).
+const HOLD_BACK: &str = "\
+update forward_outbox set next_attempt_at = ?2
+where state = 'pending' and next_attempt_at < ?2 and id > ?1
+  and (target, message_id) = (select target, message_id from forward_outbox where id = ?1)";
+
 /// The soonest a message at the head of its run can be claimed: later messages of a run wait
 /// for the head, whose outcome wakes the worker anyway. (`max` of several values is null when
 /// one is, hence the `coalesce`.)
@@ -182,16 +191,24 @@ pub(super) async fn finish(
             ),
             AttemptOutcome::Failed { error } => ("failed", None, Some(error.as_str())),
         };
-        recorded += sqlx::query(FINISH)
+        let counted = sqlx::query(FINISH)
             .bind(attempt.id)
             .bind(attempt.lease_owner.to_string())
             .bind(kind)
             .bind(time_text(attempt.attempted_at))
-            .bind(next)
+            .bind(next.as_deref())
             .bind(error)
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        if let (1, Some(next)) = (counted, next.as_deref()) {
+            sqlx::query(HOLD_BACK)
+                .bind(attempt.id)
+                .bind(next)
+                .execute(&mut *tx)
+                .await?;
+        }
+        recorded += counted;
     }
     tx.commit().await?;
     Ok(recorded)
