@@ -18,6 +18,7 @@ pub mod admin;
 mod backoff;
 mod envelope;
 mod gauges;
+mod outage;
 mod prune;
 mod send;
 mod signature;

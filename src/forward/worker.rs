@@ -15,6 +15,9 @@
 //!   `forward.poll_interval`, whichever comes first: never a busy loop. While sends are in
 //!   flight, their ends are what wake it: a retry that comes due meanwhile is claimed in the
 //!   next round.
+//! - A round that delivered nothing and must send something again makes the worker rest
+//!   before it claims again, longer for each such round in a row (`outage`): a target that is
+//!   down is probed, not sent every message that comes due.
 //! - A store error is logged (at most once a minute while it lasts) and the worker pauses,
 //!   longer each time up to [`MAX_PAUSE`]; outcomes not yet recorded are kept and recorded
 //!   later. Nothing ends the task but its stop token.
@@ -30,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::backoff::Backoff;
+use super::outage::{self, Outage};
 use super::send::{self, Sent};
 use super::{OutboxSource, Target};
 use crate::config::ForwardSettings;
@@ -90,6 +94,7 @@ impl Worker {
         let mut in_flight: JoinSet<Done> = JoinSet::new();
         let mut unrecorded: Vec<Done> = Vec::new();
         let mut trouble = StoreTrouble::default();
+        let mut outage = Outage::default();
         loop {
             if stop.is_cancelled() {
                 break;
@@ -104,10 +109,19 @@ impl Worker {
             let mut wake_at = None;
             if self.round_due(in_flight.len()) {
                 if !unrecorded.is_empty() {
-                    if let Err(error) = self.record(&mut unrecorded).await {
+                    if let Err(error) = self.record(&mut unrecorded, &mut outage).await {
                         trouble.failed(&self.target.name, "record delivery outcomes", &error);
                         continue;
                     }
+                }
+                if let Some(until) = outage.resting_until(Instant::now()) {
+                    if in_flight.is_empty() {
+                        sleep_or_stop(until, &stop).await;
+                    } else {
+                        // The sends under way end the wait; the rest is checked again then.
+                        wait_for_one(&mut in_flight, &mut unrecorded, until, &stop).await;
+                    }
+                    continue;
                 }
                 let room = self.settings.concurrency.saturating_sub(in_flight.len());
                 let claimed_at = Utc::now();
@@ -151,7 +165,7 @@ impl Worker {
             unrecorded.extend(finished(done));
         }
         if !unrecorded.is_empty() {
-            if let Err(error) = self.record(&mut unrecorded).await {
+            if let Err(error) = self.record(&mut unrecorded, &mut outage).await {
                 tracing::warn!(
                     target_name = %self.target.name,
                     %error,
@@ -261,14 +275,35 @@ impl Worker {
         });
     }
 
-    /// Records every finished send in one call, and counts them once recorded.
-    async fn record(&self, unrecorded: &mut Vec<Done>) -> Result<(), StoreError> {
+    /// Records every finished send in one call, counts them once recorded, and tells `outage`
+    /// what the round came to.
+    async fn record(
+        &self,
+        unrecorded: &mut Vec<Done>,
+        outage: &mut Outage,
+    ) -> Result<(), StoreError> {
         let attempts: Vec<FinishedAttempt> =
             unrecorded.iter().map(|done| done.attempt.clone()).collect();
         self.outbox
             .outbox()
             .finish_forward_attempts(&attempts)
             .await?;
+        let change = outage.after_round(
+            attempts.iter().map(|attempt| &attempt.outcome),
+            &self.settings.backoff,
+            Instant::now(),
+            rand::random::<f64>(),
+        );
+        match change {
+            outage::Change::Began => tracing::warn!(
+                target_name = %self.target.name,
+                "nothing delivered in a round; claiming less often until a delivery goes through"
+            ),
+            outage::Change::Ended => {
+                tracing::info!(target_name = %self.target.name, "deliveries go through again")
+            }
+            outage::Change::None => {}
+        }
         for done in unrecorded.drain(..) {
             let lag = (done.finished_at - done.committed_at)
                 .to_std()
@@ -294,6 +329,28 @@ fn finished(done: Result<Done, tokio::task::JoinError>) -> Option<Done> {
             tracing::error!(%error, "a forwarding send failed unexpectedly; it goes again after its lease");
             None
         }
+    }
+}
+
+/// Sleeps until `until`, or until `stop`.
+async fn sleep_or_stop(until: Instant, stop: &CancellationToken) {
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = tokio::time::sleep_until(until) => {}
+    }
+}
+
+/// Waits for one send to finish, for `until`, or for `stop`, whichever comes first.
+async fn wait_for_one(
+    in_flight: &mut JoinSet<Done>,
+    unrecorded: &mut Vec<Done>,
+    until: Instant,
+    stop: &CancellationToken,
+) {
+    tokio::select! {
+        () = stop.cancelled() => {}
+        Some(done) = in_flight.join_next() => unrecorded.extend(finished(done)),
+        () = tokio::time::sleep_until(until) => {}
     }
 }
 
