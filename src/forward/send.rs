@@ -33,8 +33,10 @@ pub fn client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
 pub enum Sent {
     /// A 2xx answer.
     Delivered,
-    /// Anything else, with a short reason.
-    NotDelivered(String),
+    /// The target answered, but not with a 2xx: the status and the first bytes of the answer.
+    Refused(String),
+    /// No answer: no connection, a transport error, or nothing within `forward.timeout`.
+    Unreachable(String),
     /// The message cannot be sent at all (its stored run is not JSON): trying again would not
     /// help.
     Unsendable(String),
@@ -76,13 +78,13 @@ pub async fn send(
             }
             excerpt.truncate(BODY_EXCERPT);
             let excerpt = printable(&String::from_utf8_lossy(&excerpt));
-            Sent::NotDelivered(if excerpt.is_empty() {
+            Sent::Refused(if excerpt.is_empty() {
                 format!("HTTP {}", status.as_u16())
             } else {
                 format!("HTTP {}: {excerpt}", status.as_u16())
             })
         }
-        Err(error) => Sent::NotDelivered(describe(&error)),
+        Err(error) => Sent::Unreachable(describe(&error)),
     }
 }
 

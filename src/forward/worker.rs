@@ -15,9 +15,9 @@
 //!   `forward.poll_interval`, whichever comes first: never a busy loop. While sends are in
 //!   flight, their ends are what wake it: a retry that comes due meanwhile is claimed in the
 //!   next round.
-//! - A round that delivered nothing and must send something again makes the worker rest
-//!   before it claims again, longer for each such round in a row (`outage`): a target that is
-//!   down is probed, not sent every message that comes due.
+//! - A round in which the target answered nothing (no connection, no answer in time) makes
+//!   the worker rest before it claims again, longer for each such round in a row (`outage`):
+//!   a target that is down is probed, not sent every message that comes due.
 //! - A store error is logged (at most once a minute while it lasts) and the worker pauses,
 //!   longer each time up to [`MAX_PAUSE`]; outcomes not yet recorded are kept and recorded
 //!   later. Nothing ends the task but its stop token.
@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::backoff::Backoff;
-use super::outage::{self, Outage};
+use super::outage::{self, Outage, Reach};
 use super::send::{self, Sent};
 use super::{OutboxSource, Target};
 use crate::config::ForwardSettings;
@@ -81,6 +81,7 @@ pub struct Worker {
 /// One finished send, not yet recorded.
 struct Done {
     attempt: FinishedAttempt,
+    reach: Reach,
     committed_at: DateTime<Utc>,
     finished_at: DateTime<Utc>,
 }
@@ -231,10 +232,11 @@ impl Worker {
             let attempted_at = Utc::now();
             let sent = send::send(&client, &target, &message, attempted_at).await;
             let finished_at = Utc::now();
+            let reach = Reach::of(&sent);
             let outcome = match sent {
                 Sent::Delivered => AttemptOutcome::Delivered,
                 Sent::Unsendable(error) => AttemptOutcome::Failed { error },
-                Sent::NotDelivered(error) => settings.backoff.after_failure(
+                Sent::Refused(error) | Sent::Unreachable(error) => settings.backoff.after_failure(
                     message.attempts,
                     message.queued_at,
                     settings.max_age,
@@ -263,6 +265,7 @@ impl Worker {
                 ),
             }
             Done {
+                reach,
                 attempt: FinishedAttempt {
                     id: message.id,
                     lease_owner: owner,
@@ -289,7 +292,7 @@ impl Worker {
             .finish_forward_attempts(&attempts)
             .await?;
         let change = outage.after_round(
-            attempts.iter().map(|attempt| &attempt.outcome),
+            unrecorded.iter().map(|done| done.reach),
             &self.settings.backoff,
             Instant::now(),
             rand::random::<f64>(),
@@ -297,10 +300,10 @@ impl Worker {
         match change {
             outage::Change::Began => tracing::warn!(
                 target_name = %self.target.name,
-                "nothing delivered in a round; claiming less often until a delivery goes through"
+                "the target answered nothing in a round; claiming less often until it answers"
             ),
             outage::Change::Ended => {
-                tracing::info!(target_name = %self.target.name, "deliveries go through again")
+                tracing::info!(target_name = %self.target.name, "the target answers again")
             }
             outage::Change::None => {}
         }
