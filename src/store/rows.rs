@@ -157,6 +157,19 @@ impl Type<Postgres> for StoredText {
     }
 }
 
+/// The synchronous write path (`sqlite::batch`) reads with rusqlite: the same rule as above.
+impl rusqlite::types::FromSql for StoredText {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        use rusqlite::types::{FromSqlError, ValueRef};
+        match value {
+            ValueRef::Text(bytes) | ValueRef::Blob(bytes) => Ok(StoredText::from_bytes(bytes)),
+            ValueRef::Integer(number) => Ok(StoredText(number.to_string())),
+            ValueRef::Real(number) => Ok(StoredText(number.to_string())),
+            ValueRef::Null => Err(FromSqlError::InvalidType),
+        }
+    }
+}
+
 impl<'r> Decode<'r, Postgres> for StoredText {
     fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
         <String as Decode<Postgres>>::decode(value).map(StoredText)

@@ -10,43 +10,37 @@
 //! includes forwarding (`changes`): a change of a run queues its outbox messages in the same
 //! transaction, and one writer numbers them in commit order.
 //!
-//! Every statement is a round trip to the thread that owns the connection, and on a busy machine
-//! each one waits to be scheduled: that wait, not SQLite, was most of the cost of a batch. So a
-//! batch is written with one multi-row statement per step, whatever its size: insert the events,
-//! count the copies of stored ones it repeats (only when there are any; one more statement when
-//! some of their bodies differ), read the runs, write them, and with forwarding targets read the
-//! changed runs and queue their messages; with `begin` and `commit`, five to eight round trips
-//! per batch.
+//! sqlx runs each statement on the connection's own thread, and each hand-off to it waits to be
+//! scheduled: with a statement per step of a batch, those waits were most of its time, all of it
+//! under the write lock. So the two writes on the ingest path, a batch of callbacks and a run
+//! started here (`batch`), run in place on the same connection (`writer`): one hand-off per
+//! transaction. Everything else, rarer, goes through sqlx.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Sqlite};
 
-use super::changes;
 use super::claim::ExistingClaim;
 use super::feed::TerminalRunFeed;
-use super::forward_only::RunState;
 use super::listing::{Listing, ListingFilter};
 use super::model::*;
-use super::outbox::{
-    FailedPage, FinishedAttempt, Lease, OutboxMessage, TargetQueue, STATUS_CHANGED,
-};
+use super::outbox::{FailedPage, FinishedAttempt, Lease, OutboxMessage, TargetQueue};
 use super::plan::BatchPlan;
 use super::retention::SweepSession;
 use super::rows::{EventRow, RunRow, StoredText};
 use super::{migrations, Outbox, PoolUsage, Store, StoreError, StoreOptions};
 
+mod batch;
 mod outbox;
 mod sweep;
+mod writer;
 
 pub struct SqliteStore {
     /// One connection: the only way anything is written.
@@ -57,7 +51,7 @@ pub struct SqliteStore {
     base: SqliteConnectOptions,
     /// `StoreOptions::forward_targets`: each change of a run queues a message per target in
     /// its write transaction; with none, nothing more is written or read.
-    forward_targets: Vec<String>,
+    forward_targets: Arc<[String]>,
 }
 
 /// The page cache of each reader connection: `cache_size` in KiB when negative.
@@ -118,7 +112,7 @@ impl SqliteStore {
             writer,
             readers,
             base,
-            forward_targets: options.forward_targets.clone(),
+            forward_targets: options.forward_targets.clone().into(),
         })
     }
 
@@ -137,21 +131,6 @@ impl SqliteStore {
             .await;
         connection.close().await;
         result.map_err(|error| migrations::failed(error, lock_timeout))
-    }
-
-    async fn try_record(&self, plan: &BatchPlan<'_>) -> Result<Vec<DeliveryOutcome>, sqlx::Error> {
-        // `immediate` takes the write lock at once: a transaction that started as a reader
-        // could not be upgraded if another process wrote in between, and would fail.
-        let mut tx = self.writer.begin_with("begin immediate").await?;
-        let inserted = insert_events(&mut tx, plan).await?;
-        let stored_sha256 = count_duplicates(&mut tx, plan, &inserted).await?;
-        let (final_status, changed) = apply_run_changes(&mut tx, plan, &inserted).await?;
-        if !self.forward_targets.is_empty() {
-            queue_changes(&mut tx, &self.forward_targets, &changed).await?;
-        }
-        tx.commit().await?;
-        let conflicting = plan.conflicting_terminals(&inserted, &final_status);
-        Ok(plan.outcomes(&inserted, &stored_sha256, &conflicting))
     }
 }
 
@@ -184,341 +163,6 @@ fn time_from_text(text: &str) -> Result<DateTime<Utc>, StoreError> {
         })
 }
 
-/// Rows per multi-row statement. SQLite (3.32 and later; the bundled one is newer) takes up to
-/// 32,766 parameters in one statement, and the widest row here (`write_runs`) binds 13, so a
-/// batch of up to this many rows per table is one statement.
-const ROWS_PER_STATEMENT: usize = 256;
-
-/// Inserts each group's first delivery as an event unless `(message_id, status)` exists, with
-/// one statement per [`ROWS_PER_STATEMENT`] groups. Returns, per group, whether it became a new
-/// event. Rows are inserted in arrival order, so that event ids follow arrival within a batch
-/// too.
-///
-/// The statements are not kept prepared: their text depends on the batch size, and caching
-/// every size would push the other statements out of the connection's cache.
-async fn insert_events(
-    connection: &mut SqliteConnection,
-    plan: &BatchPlan<'_>,
-) -> Result<Vec<bool>, sqlx::Error> {
-    let mut inserted = vec![false; plan.groups.len()];
-    let groups: Vec<usize> = (0..plan.groups.len()).collect();
-    for chunk in groups.chunks(ROWS_PER_STATEMENT) {
-        let mut statement = QueryBuilder::<Sqlite>::new(
-            "insert into events (message_id, status, received_at, last_received_at, payload, \
-                                 body_sha256, key_id, duplicates, differing_duplicates) ",
-        );
-        statement.push_values(chunk, |mut row, &g| {
-            let group = &plan.groups[g];
-            let first = plan.first(group);
-            row.push_bind(first.message_id.as_str())
-                .push_bind(first.status.as_str())
-                .push_bind(time_text(first.received_at))
-                .push_bind(time_text(plan.last_received_at(group)))
-                .push_bind(first.body_text())
-                .push_bind(first.body_sha256.as_slice())
-                .push_bind(first.key_id.as_str())
-                .push_bind(group.repeats.len() as i64)
-                .push_bind(plan.differing_repeats(group) as i64);
-        });
-        // Only the rows actually inserted come back, in no promised order: found by key.
-        statement.push(" on conflict (message_id, status) do nothing returning message_id, status");
-        let new_rows: Vec<(String, String)> = statement
-            .build_query_as()
-            .persistent(false)
-            .fetch_all(&mut *connection)
-            .await?;
-        let by_key: HashMap<(&str, &str), usize> = chunk
-            .iter()
-            .map(|&g| {
-                let first = plan.first(&plan.groups[g]);
-                ((first.message_id.as_str(), first.status.as_str()), g)
-            })
-            .collect();
-        for (message_id, status) in &new_rows {
-            if let Some(&g) = by_key.get(&(message_id.as_str(), status.as_str())) {
-                inserted[g] = true;
-            }
-        }
-    }
-    Ok(inserted)
-}
-
-/// Adds every copy of an existing event to its counters. One statement counts the copies of
-/// every group that was not inserted and returns the stored body's hash; only when some copy's
-/// body differs from it does a second one count those (per [`ROWS_PER_STATEMENT`] groups).
-/// Returns, per group that was not inserted, the stored body's hash (to tell identical copies
-/// from differing ones).
-async fn count_duplicates(
-    connection: &mut SqliteConnection,
-    plan: &BatchPlan<'_>,
-    inserted: &[bool],
-) -> Result<Vec<Option<[u8; 32]>>, sqlx::Error> {
-    let mut stored = vec![None; plan.groups.len()];
-    let existing: Vec<usize> = (0..plan.groups.len()).filter(|&g| !inserted[g]).collect();
-    for chunk in existing.chunks(ROWS_PER_STATEMENT) {
-        let mut count = QueryBuilder::<Sqlite>::new(
-            "update events \
-             set duplicates = duplicates + v.column3, \
-                 last_received_at = max(last_received_at, v.column4) \
-             from (",
-        );
-        count.push_values(chunk, |mut row, &g| {
-            let group = &plan.groups[g];
-            let first = plan.first(group);
-            row.push_bind(first.message_id.as_str())
-                .push_bind(first.status.as_str())
-                .push_bind(plan.copies(group).count() as i64)
-                .push_bind(time_text(plan.last_received_at(group)));
-        });
-        // `returning` may only name the updated table: rows are found by key.
-        count.push(
-            ") as v where events.message_id = v.column1 and events.status = v.column2 \
-             returning events.message_id, events.status, events.id, events.body_sha256",
-        );
-        let rows: Vec<(String, String, i64, Vec<u8>)> = count
-            .build_query_as()
-            .persistent(false)
-            .fetch_all(&mut *connection)
-            .await?;
-        // Inside the write transaction that found each of these events already stored.
-        if rows.len() != chunk.len() {
-            return Err(sqlx::Error::RowNotFound);
-        }
-        let by_key: HashMap<(&str, &str), usize> = chunk
-            .iter()
-            .map(|&g| {
-                let first = plan.first(&plan.groups[g]);
-                ((first.message_id.as_str(), first.status.as_str()), g)
-            })
-            .collect();
-        let mut differing: Vec<(i64, i64)> = Vec::new();
-        for (message_id, status, id, stored_sha256) in &rows {
-            let Some(&g) = by_key.get(&(message_id.as_str(), status.as_str())) else {
-                return Err(sqlx::Error::RowNotFound);
-            };
-            let copies = plan.differing_copies(&plan.groups[g], stored_sha256) as i64;
-            if copies > 0 {
-                differing.push((*id, copies));
-            }
-            stored[g] = <[u8; 32]>::try_from(stored_sha256.as_slice()).ok();
-        }
-        if differing.is_empty() {
-            continue;
-        }
-        let mut update = QueryBuilder::<Sqlite>::new(
-            "update events set differing_duplicates = differing_duplicates + v.column2 from (",
-        );
-        update.push_values(&differing, |mut row, (id, copies)| {
-            row.push_bind(*id).push_bind(*copies);
-        });
-        update.push(") as v where events.id = v.column1");
-        update
-            .build()
-            .persistent(false)
-            .execute(&mut *connection)
-            .await?;
-    }
-    Ok(stored)
-}
-
-/// Creates or moves forward every run that got a new event: one statement reads them, one
-/// writes them. Returns each one's final status, and the runs that changed
-/// (`changes::is_change`), in key order.
-async fn apply_run_changes(
-    connection: &mut SqliteConnection,
-    plan: &BatchPlan<'_>,
-    inserted: &[bool],
-) -> Result<(HashMap<String, String>, Vec<String>), sqlx::Error> {
-    let run_changes = plan.run_changes(inserted);
-    let mut stored = read_runs(
-        &mut *connection,
-        run_changes.iter().map(|change| change.message_id.as_str()),
-    )
-    .await?;
-    let mut final_status = HashMap::with_capacity(run_changes.len());
-    let mut changed = Vec::new();
-    let mut runs: Vec<(&str, RunState)> = Vec::with_capacity(run_changes.len());
-    for change in &run_changes {
-        let before = stored.remove(&change.message_id);
-        let before_status = before.as_ref().map(|run| run.status.clone());
-        let run = RunState::advanced(before, change);
-        if changes::is_change(before_status.as_deref(), &run.status) {
-            changed.push(change.message_id.clone());
-        }
-        final_status.insert(change.message_id.clone(), run.status.clone());
-        runs.push((change.message_id.as_str(), run));
-    }
-    write_runs(&mut *connection, &runs).await?;
-    Ok((final_status, changed))
-}
-
-/// Queues a `run.status_changed` message per target for each run named, as the transaction of
-/// `connection` holds it now (read as `get_run` reads it): one statement reads the runs, one
-/// writes the messages (per [`ROWS_PER_STATEMENT`] messages). Nothing when no run is named.
-async fn queue_changes(
-    connection: &mut SqliteConnection,
-    targets: &[String],
-    message_ids: &[String],
-) -> Result<(), sqlx::Error> {
-    if message_ids.is_empty() {
-        return Ok(());
-    }
-    let message_ids =
-        serde_json::to_string(message_ids).map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
-    let rows: Vec<RunRow<StoredText>> = sqlx::query_as(GET_RUNS)
-        .bind(message_ids)
-        .fetch_all(&mut *connection)
-        .await?;
-    let runs = rows
-        .into_iter()
-        .map(run_from_row)
-        .collect::<Result<Vec<Run>, StoreError>>()
-        .map_err(|error| sqlx::Error::Decode(Box::new(error)))?;
-    let queued = changes::status_changed(targets, &runs)
-        .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
-    let now = time_text(Utc::now());
-    // In the order given, so that ids number a run's messages in the order of its changes.
-    for chunk in queued.chunks(ROWS_PER_STATEMENT) {
-        let mut statement = QueryBuilder::<Sqlite>::new(
-            "insert into forward_outbox (target, message_id, event_type, run, \
-                                         committed_at, queued_at, next_attempt_at) ",
-        );
-        statement.push_values(chunk, |mut row, message| {
-            row.push_bind(message.target)
-                .push_bind(message.message_id.as_str())
-                .push_bind(STATUS_CHANGED)
-                .push_bind(message.run.as_str())
-                .push_bind(now.as_str())
-                .push_bind(now.as_str())
-                .push_bind(now.as_str());
-        });
-        statement
-            .build()
-            .persistent(false)
-            .execute(&mut *connection)
-            .await?;
-    }
-    Ok(())
-}
-
-/// The stored state of the runs named, by message_id (one statement for a whole batch).
-async fn read_runs<'a>(
-    connection: &mut SqliteConnection,
-    message_ids: impl Iterator<Item = &'a str>,
-) -> Result<HashMap<String, RunState>, sqlx::Error> {
-    let message_ids = serde_json::to_string(&message_ids.collect::<Vec<_>>())
-        .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
-    let rows: Vec<RunStateRow> = sqlx::query_as(
-        "select message_id, workflow_id, status, created_at, updated_at, completed_at, \
-                expires_at, result, assets_url, error, triggered_here, workflow_params \
-         from runs \
-         where message_id in (select value from json_each(?))",
-    )
-    .bind(message_ids)
-    .fetch_all(&mut *connection)
-    .await?;
-    rows.into_iter()
-        .map(|row| {
-            let message_id = row.message_id.clone();
-            let state = row
-                .into_state()
-                .map_err(|error| sqlx::Error::Decode(Box::new(error)))?;
-            Ok((message_id, state))
-        })
-        .collect()
-}
-
-/// Stores runs as [`RunState`] decided them, creating those that are new, with one statement
-/// per [`ROWS_PER_STATEMENT`] runs. Only called inside a write transaction that read the runs
-/// first, so no other writer can come in between: nothing is left to decide here.
-async fn write_runs(
-    connection: &mut SqliteConnection,
-    runs: &[(&str, RunState)],
-) -> Result<(), sqlx::Error> {
-    for chunk in runs.chunks(ROWS_PER_STATEMENT) {
-        let mut statement = QueryBuilder::<Sqlite>::new(
-            "insert into runs (message_id, workflow_id, status, status_rank, created_at, \
-                               updated_at, completed_at, expires_at, result, assets_url, error, \
-                               triggered_here, workflow_params) ",
-        );
-        statement.push_values(chunk, |mut row, (message_id, run)| {
-            row.push_bind(*message_id)
-                .push_bind(run.workflow_id.as_deref())
-                .push_bind(run.status.as_str())
-                .push_bind(run.rank().as_i16())
-                .push_bind(time_text(run.created_at))
-                .push_bind(time_text(run.updated_at))
-                .push_bind(run.completed_at.map(time_text))
-                .push_bind(run.expires_at.map(time_text))
-                .push_bind(run.result.as_deref())
-                .push_bind(run.assets_url.as_deref())
-                .push_bind(run.error.as_deref())
-                .push_bind(run.triggered_here)
-                .push_bind(run.workflow_params.as_deref());
-        });
-        statement.push(
-            " on conflict (message_id) do update set \
-                 workflow_id = excluded.workflow_id, \
-                 status = excluded.status, \
-                 status_rank = excluded.status_rank, \
-                 created_at = excluded.created_at, \
-                 updated_at = excluded.updated_at, \
-                 completed_at = excluded.completed_at, \
-                 expires_at = excluded.expires_at, \
-                 result = excluded.result, \
-                 assets_url = excluded.assets_url, \
-                 error = excluded.error, \
-                 triggered_here = excluded.triggered_here, \
-                 workflow_params = excluded.workflow_params",
-        );
-        statement
-            .build()
-            .persistent(false)
-            .execute(&mut *connection)
-            .await?;
-    }
-    Ok(())
-}
-
-/// A run as `read_runs` selects it.
-#[derive(sqlx::FromRow)]
-struct RunStateRow {
-    message_id: String,
-    workflow_id: Option<String>,
-    status: String,
-    created_at: String,
-    updated_at: String,
-    completed_at: Option<String>,
-    expires_at: Option<String>,
-    result: Option<String>,
-    assets_url: Option<String>,
-    error: Option<String>,
-    triggered_here: bool,
-    workflow_params: Option<String>,
-}
-
-impl RunStateRow {
-    fn into_state(self) -> Result<RunState, StoreError> {
-        Ok(RunState {
-            workflow_id: self.workflow_id,
-            status: self.status,
-            created_at: time_from_text(&self.created_at)?,
-            updated_at: time_from_text(&self.updated_at)?,
-            completed_at: self
-                .completed_at
-                .as_deref()
-                .map(time_from_text)
-                .transpose()?,
-            expires_at: self.expires_at.as_deref().map(time_from_text).transpose()?,
-            result: self.result,
-            assets_url: self.assets_url,
-            error: self.error,
-            triggered_here: self.triggered_here,
-            workflow_params: self.workflow_params,
-        })
-    }
-}
-
 /// The columns of a [`RunRow`], selected from `runs`. `conflicting_terminals` follows
 /// `forward_only::terminals_conflict`: the run is terminal, and one of its events has another
 /// terminal status.
@@ -536,13 +180,6 @@ macro_rules! run_columns {
 }
 
 const GET_RUN: &str = concat!("select ", run_columns!(), " from runs where message_id = ?");
-
-/// Runs as [`GET_RUN`] reads them, those named in a JSON array, in key order.
-const GET_RUNS: &str = concat!(
-    "select ",
-    run_columns!(),
-    " from runs where message_id in (select value from json_each(?)) order by message_id"
-);
 
 // The listing statements, one per filter (see `listing`). Each walks an index backwards.
 const LIST_RUNS: &str = concat!(
@@ -661,8 +298,12 @@ impl Store for SqliteStore {
         }
         // One writer means no deadlocks or serialization failures to retry: a lock held by
         // another process is waited for (busy_timeout), then reported as unavailable.
-        let plan = BatchPlan::new(deliveries);
-        Ok(self.try_record(&plan).await?)
+        let deliveries = deliveries.to_vec();
+        let targets = Arc::clone(&self.forward_targets);
+        writer::in_write_transaction(&self.writer, move |transaction| {
+            batch::record(transaction, &BatchPlan::new(&deliveries), &targets)
+        })
+        .await
     }
 
     async fn record_rejected_payload(&self, rejected: &RejectedPayload) -> Result<(), StoreError> {
@@ -720,23 +361,12 @@ impl Store for SqliteStore {
     }
 
     async fn record_triggered_run(&self, run: &TriggeredRun) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin_with("begin immediate").await?;
-        let mut stored = read_runs(&mut tx, std::iter::once(run.message_id.as_str())).await?;
-        let before = stored.remove(&run.message_id);
-        // Only a new run changes: a trigger never moves a run a callback created first.
-        let created = before.is_none();
-        let state = RunState::triggered(before, run);
-        write_runs(&mut tx, &[(run.message_id.as_str(), state)]).await?;
-        if created && !self.forward_targets.is_empty() {
-            queue_changes(
-                &mut tx,
-                &self.forward_targets,
-                std::slice::from_ref(&run.message_id),
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let run = run.clone();
+        let targets = Arc::clone(&self.forward_targets);
+        writer::in_write_transaction(&self.writer, move |transaction| {
+            batch::record_triggered_run(transaction, &run, &targets)
+        })
+        .await
     }
 
     async fn claim_idempotency_key(

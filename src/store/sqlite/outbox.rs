@@ -312,7 +312,7 @@ pub(super) async fn queue_stuck(
         let run = run_from_row(row)?;
         let message_id = run.message_id.clone();
         let json = outbox::stuck_run_json(run)?;
-        for target in &store.forward_targets {
+        for target in store.forward_targets.iter() {
             sqlx::query(INSERT_STUCK)
                 .bind(target)
                 .bind(&message_id)
