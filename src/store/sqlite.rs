@@ -14,7 +14,8 @@
 //! scheduled: with a statement per step of a batch, those waits were most of its time, all of it
 //! under the write lock. So the two writes on the ingest path, a batch of callbacks and a run
 //! started here (`batch`), run in place on the same connection (`writer`): one hand-off per
-//! transaction. Everything else, rarer, goes through sqlx.
+//! transaction. Everything else, rarer, goes through sqlx. Checkpoints run beside the writer
+//! (`checkpoint`).
 
 use std::path::Path;
 use std::str::FromStr;
@@ -36,8 +37,10 @@ use super::plan::BatchPlan;
 use super::retention::SweepSession;
 use super::rows::{EventRow, RunRow, StoredText};
 use super::{migrations, Outbox, PoolUsage, Store, StoreError, StoreOptions};
+use checkpoint::Checkpointer;
 
 mod batch;
+mod checkpoint;
 mod outbox;
 mod sweep;
 mod writer;
@@ -52,6 +55,8 @@ pub struct SqliteStore {
     /// `StoreOptions::forward_targets`: each change of a run queues a message per target in
     /// its write transaction; with none, nothing more is written or read.
     forward_targets: Arc<[String]>,
+    /// Copies committed batches into the database file beside the writer.
+    checkpointer: Checkpointer,
 }
 
 /// The page cache of each reader connection: `cache_size` in KiB when negative.
@@ -111,6 +116,7 @@ impl SqliteStore {
         Ok(Self {
             writer,
             readers,
+            checkpointer: Checkpointer::new(&base),
             base,
             forward_targets: options.forward_targets.clone().into(),
         })
@@ -300,10 +306,12 @@ impl Store for SqliteStore {
         // another process is waited for (busy_timeout), then reported as unavailable.
         let deliveries = deliveries.to_vec();
         let targets = Arc::clone(&self.forward_targets);
-        writer::in_write_transaction(&self.writer, move |transaction| {
+        let outcomes = writer::in_write_transaction(&self.writer, move |transaction| {
             batch::record(transaction, &BatchPlan::new(&deliveries), &targets)
         })
-        .await
+        .await?;
+        self.checkpointer.after_commit();
+        Ok(outcomes)
     }
 
     async fn record_rejected_payload(&self, rejected: &RejectedPayload) -> Result<(), StoreError> {
