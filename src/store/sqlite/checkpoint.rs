@@ -87,18 +87,19 @@ mod tests {
 
     use super::*;
 
+    fn new_file(directory: &tempfile::TempDir) -> SqliteConnectOptions {
+        SqliteConnectOptions::from_str(&format!("sqlite://{}/relay.db", directory.path().display()))
+            .unwrap()
+            .create_if_missing(true)
+    }
+
     #[tokio::test]
     async fn copies_every_committed_page_while_the_writer_holds_its_connection() {
         let directory = tempfile::tempdir().unwrap();
-        let options = SqliteConnectOptions::from_str(&format!(
-            "sqlite://{}/relay.db",
-            directory.path().display()
-        ))
-        .unwrap()
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        // Only the checkpointer copies anything.
-        .pragma("wal_autocheckpoint", "0");
+        let options = new_file(&directory)
+            .journal_mode(SqliteJournalMode::Wal)
+            // Only the checkpointer copies anything.
+            .pragma("wal_autocheckpoint", "0");
         let mut writer = options.connect().await.unwrap();
         sqlx::query("create table t (x blob)")
             .execute(&mut writer)
@@ -121,12 +122,7 @@ mod tests {
     #[tokio::test]
     async fn one_checkpoint_every_few_commits() {
         let directory = tempfile::tempdir().unwrap();
-        let options = SqliteConnectOptions::from_str(&format!(
-            "sqlite://{}/relay.db",
-            directory.path().display()
-        ))
-        .unwrap()
-        .create_if_missing(true);
+        let options = new_file(&directory);
         let checkpointer = Checkpointer::new(&options);
         for _ in 1..COMMITS_PER_CHECKPOINT {
             checkpointer.after_commit();
