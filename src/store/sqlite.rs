@@ -178,7 +178,7 @@ macro_rules! run_columns {
          result, assets_url, error, triggered_here,
          (status_rank = 2 and exists (
              select 1 from events
-             where events.message_id = runs.message_id
+             where events.run_seq = runs.seq
                and events.status <> runs.status
                and events.status not in ('submitted', 'processing'))) as conflicting_terminals,
          workflow_params, seq"
@@ -220,18 +220,17 @@ const LIST_RUNS_OF_WORKFLOW_WITH_STATUS: &str = concat!(
 /// A run's events in arrival order, which is `received_at`, as on PostgreSQL: ids follow
 /// insertion, and with several ingest writers a later delivery may be committed first.
 /// `conflicting_terminal` follows `forward_only::terminals_conflict`: a terminal event whose run
-/// settled on another terminal status.
+/// settled on another terminal status. Events are found through their run (migration 0007).
 const LIST_EVENTS: &str = "\
-select status, received_at, duplicates, differing_duplicates,
-       (status not in ('submitted', 'processing') and exists (
-           select 1 from runs
-           where runs.message_id = events.message_id
-             and runs.status_rank = 2
-             and runs.status <> events.status)) as conflicting_terminal,
-       key_id, last_received_at, payload, payload_pruned
-from events
-where message_id = ?
-order by received_at, id";
+select events.status, events.received_at, events.duplicates, events.differing_duplicates,
+       (events.status not in ('submitted', 'processing')
+        and runs.status_rank = 2
+        and runs.status <> events.status) as conflicting_terminal,
+       events.key_id, events.last_received_at, events.payload, events.payload_pruned
+from runs
+join events on events.run_seq = runs.seq
+where runs.message_id = ?
+order by events.received_at, events.id";
 
 /// Stuck runs (`Store::list_stuck_runs`): unfinished, unchanged since `?1` (times are text in
 /// one fixed-width form, so text order is time order), walked backwards through

@@ -18,6 +18,7 @@ mod query;
 mod replicas;
 mod retention;
 mod shutdown;
+mod sqlite_events_by_run;
 mod sqlite_writer;
 mod store_behaviour;
 mod stuck;

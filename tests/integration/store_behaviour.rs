@@ -926,6 +926,15 @@ async fn a_database_from_the_first_schema_upgrades_with_its_data(db: TestDatabas
             ("failed", (true, r#"{"status":"failed"}"#)),
         ])
     );
+    // A stored event is still found by deduplication (its stored hash is not this body's).
+    let copy = callback("m-old", "success", json!({}));
+    assert_eq!(
+        store
+            .record_deliveries(&[delivery(&copy, 0)])
+            .await
+            .unwrap(),
+        vec![DIFFERING_REPEAT]
+    );
     // And the upgraded store keeps writing.
     let processing = callback("m-new", "processing", json!({}));
     assert_eq!(

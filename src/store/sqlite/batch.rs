@@ -20,28 +20,35 @@ use crate::store::plan::BatchPlan;
 use crate::store::rows::{RunRow, StoredText};
 use crate::store::StoreError;
 
-/// Records a batch: its new events, the counters of the copies of stored ones, the runs they
-/// move, and with forwarding `targets` a message per target for each run that changed. Returns
-/// each delivery's outcome.
+/// Records a batch: the counters of the copies of stored events, the runs the new events move,
+/// the new events themselves, and with forwarding `targets` a message per target for each run
+/// that changed. Returns each delivery's outcome.
+///
+/// Events are keyed by their run's `seq` (migration 0007), so a new event is written after its
+/// run, which gives it that `seq`. Only a stored event can be a copy, and every stored event has
+/// its run, so the copies are counted first and the rest are new.
 pub(super) fn record(
     transaction: &Transaction<'_>,
     plan: &BatchPlan<'_>,
     targets: &[String],
 ) -> Result<Vec<DeliveryOutcome>, StoreError> {
-    let inserted = insert_events(transaction, plan)?;
-    let stored_sha256 = count_duplicates(transaction, plan, &inserted)?;
+    let stored_sha256 = count_duplicates(transaction, plan)?;
+    let inserted: Vec<bool> = stored_sha256.iter().map(Option::is_none).collect();
     let mut final_status = HashMap::new();
+    let mut run_seqs = HashMap::new();
     let mut changed = Vec::new();
     for change in plan.run_changes(&inserted) {
         let before = read_run(transaction, &change.message_id)?;
         let before_status = before.as_ref().map(|run| run.status.clone());
         let run = RunState::advanced(before, &change);
-        write_run(transaction, &change.message_id, &run)?;
+        let seq = write_run(transaction, &change.message_id, &run)?;
         if changes::is_change(before_status.as_deref(), &run.status) {
             changed.push(change.message_id.clone());
         }
+        run_seqs.insert(change.message_id.clone(), seq);
         final_status.insert(change.message_id, run.status);
     }
+    insert_events(transaction, plan, &inserted, &run_seqs)?;
     if !targets.is_empty() {
         queue_changes(transaction, targets, &changed)?;
     }
@@ -69,23 +76,78 @@ pub(super) fn record_triggered_run(
     Ok(())
 }
 
-/// Inserts each group's first delivery as an event unless `(message_id, status)` exists, in
-/// arrival order, so that event ids follow arrival. Returns, per group, whether it became a new
-/// event.
+/// Adds every copy of a stored event to its counters. Returns, per group, the stored body's hash
+/// (to tell identical copies from differing ones), or `None` when `(message_id, status)` is not
+/// stored yet: the group is a new event.
+fn count_duplicates(
+    transaction: &Transaction<'_>,
+    plan: &BatchPlan<'_>,
+) -> Result<Vec<Option<[u8; 32]>>, StoreError> {
+    let mut count = transaction.prepare_cached(
+        "update events \
+         set duplicates = duplicates + ?3, last_received_at = max(last_received_at, ?4) \
+         where run_seq = (select seq from runs where message_id = ?1) and status = ?2 \
+         returning id, body_sha256",
+    )?;
+    let mut differing = transaction.prepare_cached(
+        "update events set differing_duplicates = differing_duplicates + ?2 where id = ?1",
+    )?;
+    let mut stored = Vec::with_capacity(plan.groups.len());
+    for group in &plan.groups {
+        let first = plan.first(group);
+        let found: Option<(i64, Vec<u8>)> = count
+            .query_row(
+                params![
+                    first.message_id,
+                    first.status,
+                    plan.copies(group).count() as i64,
+                    time_text(plan.last_received_at(group)),
+                ],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        let Some((id, stored_sha256)) = found else {
+            stored.push(None);
+            continue;
+        };
+        let copies = plan.differing_copies(group, &stored_sha256) as i64;
+        if copies > 0 {
+            differing.execute(params![id, copies])?;
+        }
+        let stored_sha256 = <[u8; 32]>::try_from(stored_sha256.as_slice()).map_err(|_| {
+            StoreError::Internal(format!(
+                "event {id} stores a body hash that is not 32 bytes"
+            ))
+        })?;
+        stored.push(Some(stored_sha256));
+    }
+    Ok(stored)
+}
+
+/// Inserts each new group's first delivery as an event of its run (`run_seqs`, written just
+/// before), in arrival order, so that event ids follow arrival.
 fn insert_events(
     transaction: &Transaction<'_>,
     plan: &BatchPlan<'_>,
-) -> Result<Vec<bool>, StoreError> {
+    inserted: &[bool],
+    run_seqs: &HashMap<String, i64>,
+) -> Result<(), StoreError> {
     let mut insert = transaction.prepare_cached(
-        "insert into events (message_id, status, received_at, last_received_at, payload, \
-                             body_sha256, key_id, duplicates, differing_duplicates) \
-         values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
-         on conflict (message_id, status) do nothing",
+        "insert into events (run_seq, message_id, status, received_at, last_received_at, \
+                             payload, body_sha256, key_id, duplicates, differing_duplicates) \
+         values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?;
-    let mut inserted = Vec::with_capacity(plan.groups.len());
-    for group in &plan.groups {
+    for (group, _) in plan.groups.iter().zip(inserted).filter(|(_, &new)| new) {
         let first = plan.first(group);
-        let rows = insert.execute(params![
+        // Every new event moves its run (`BatchPlan::run_changes`), which was written above.
+        let run_seq = run_seqs.get(&first.message_id).ok_or_else(|| {
+            StoreError::Internal(format!(
+                "the run of a new event ({}, {}) was not written",
+                first.message_id, first.status
+            ))
+        })?;
+        insert.execute(params![
+            run_seq,
             first.message_id,
             first.status,
             time_text(first.received_at),
@@ -96,50 +158,8 @@ fn insert_events(
             group.repeats.len() as i64,
             plan.differing_repeats(group) as i64,
         ])?;
-        inserted.push(rows == 1);
     }
-    Ok(inserted)
-}
-
-/// Adds every copy of an existing event to its counters. Returns, per group that was not
-/// inserted, the stored body's hash (to tell identical copies from differing ones).
-fn count_duplicates(
-    transaction: &Transaction<'_>,
-    plan: &BatchPlan<'_>,
-    inserted: &[bool],
-) -> Result<Vec<Option<[u8; 32]>>, StoreError> {
-    let mut stored = vec![None; plan.groups.len()];
-    let mut count = transaction.prepare_cached(
-        "update events \
-         set duplicates = duplicates + ?3, last_received_at = max(last_received_at, ?4) \
-         where message_id = ?1 and status = ?2 \
-         returning id, body_sha256",
-    )?;
-    let mut differing = transaction.prepare_cached(
-        "update events set differing_duplicates = differing_duplicates + ?2 where id = ?1",
-    )?;
-    for (g, group) in plan.groups.iter().enumerate() {
-        if inserted[g] {
-            continue;
-        }
-        let first = plan.first(group);
-        // Inside the write transaction that found this event already stored: it is there.
-        let (id, stored_sha256): (i64, Vec<u8>) = count.query_row(
-            params![
-                first.message_id,
-                first.status,
-                plan.copies(group).count() as i64,
-                time_text(plan.last_received_at(group)),
-            ],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )?;
-        let copies = plan.differing_copies(group, &stored_sha256) as i64;
-        if copies > 0 {
-            differing.execute(params![id, copies])?;
-        }
-        stored[g] = <[u8; 32]>::try_from(stored_sha256.as_slice()).ok();
-    }
-    Ok(stored)
+    Ok(())
 }
 
 /// The stored state of a run, if it exists.
@@ -202,13 +222,14 @@ fn run_state_columns(row: &Row<'_>) -> rusqlite::Result<RunStateColumns> {
     })
 }
 
-/// Stores a run as [`RunState`] decided it, creating it when new. Only called inside the write
-/// transaction that read the run first, so nothing is left to decide here.
+/// Stores a run as [`RunState`] decided it, creating it when new, and returns its `seq`. Only
+/// called inside the write transaction that read the run first, so nothing is left to decide
+/// here.
 fn write_run(
     transaction: &Transaction<'_>,
     message_id: &str,
     run: &RunState,
-) -> Result<(), StoreError> {
+) -> Result<i64, StoreError> {
     let mut write = transaction.prepare_cached(
         "insert into runs (message_id, workflow_id, status, status_rank, created_at, updated_at, \
                            completed_at, expires_at, result, assets_url, error, triggered_here, \
@@ -226,24 +247,28 @@ fn write_run(
              assets_url = excluded.assets_url, \
              error = excluded.error, \
              triggered_here = excluded.triggered_here, \
-             workflow_params = excluded.workflow_params",
+             workflow_params = excluded.workflow_params \
+         returning seq",
     )?;
-    write.execute(params![
-        message_id,
-        run.workflow_id,
-        run.status,
-        run.rank().as_i16(),
-        time_text(run.created_at),
-        time_text(run.updated_at),
-        run.completed_at.map(time_text),
-        run.expires_at.map(time_text),
-        run.result,
-        run.assets_url,
-        run.error,
-        run.triggered_here,
-        run.workflow_params,
-    ])?;
-    Ok(())
+    let seq = write.query_row(
+        params![
+            message_id,
+            run.workflow_id,
+            run.status,
+            run.rank().as_i16(),
+            time_text(run.created_at),
+            time_text(run.updated_at),
+            run.completed_at.map(time_text),
+            run.expires_at.map(time_text),
+            run.result,
+            run.assets_url,
+            run.error,
+            run.triggered_here,
+            run.workflow_params,
+        ],
+        |row| row.get(0),
+    )?;
+    Ok(seq)
 }
 
 /// Queues a `run.status_changed` message per target for each run named, in the order given

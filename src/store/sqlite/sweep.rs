@@ -30,7 +30,7 @@ update events set payload = '', payload_pruned = 1
 where id in (
     select events.id
     from events
-    join runs on runs.message_id = events.message_id
+    join runs on runs.seq = events.run_seq
     where events.payload_pruned = 0
       and events.received_at < ?1
       and events.received_at >= ?3
@@ -46,8 +46,10 @@ where status_rank = 2 and completed_at < ?1
 order by completed_at
 limit ?2";
 
-const DELETE_EVENTS_OF_RUNS: &str =
-    "delete from events where message_id in (select value from json_each(?1))";
+/// Before `DELETE_RUNS`: events are found through their run (migration 0007).
+const DELETE_EVENTS_OF_RUNS: &str = "\
+delete from events where run_seq in (
+    select seq from runs where message_id in (select value from json_each(?1)))";
 
 const DELETE_RUNS: &str = "delete from runs where message_id in (select value from json_each(?1))";
 
