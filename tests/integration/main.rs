@@ -20,6 +20,7 @@ mod retention;
 mod shutdown;
 mod sqlite_events_by_run;
 mod sqlite_writer;
+mod statement_plans;
 mod store_behaviour;
 mod stuck;
 mod trigger;
