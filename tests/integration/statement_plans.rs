@@ -76,6 +76,14 @@ async fn forwarding_statements_probe_indexes_on_plans_made_for_empty_tables() {
         .await
         .expect("recorded");
     assert_eq!(counted, 12);
+    // And what the gauges and `GET /v1/forwarding` count.
+    let queue = store
+        .outbox()
+        .forward_queue("alpha")
+        .await
+        .expect("counted");
+    assert_eq!((queue.pending, queue.failed), (1, 0));
+    assert_eq!(queue.last_error.as_deref(), Some("HTTP 500"));
 
     let logged = logs::captured();
     // Only this test's connections load auto_explain, so every plan here is its store's.
@@ -83,18 +91,18 @@ async fn forwarding_statements_probe_indexes_on_plans_made_for_empty_tables() {
         .lines()
         .filter(|line| line.contains("sqlx::postgres::notice") && line.contains("Query Text"))
         .collect();
-    // Each batch: the batch statement, the changed runs, the messages; then the claim and the
-    // outcomes.
+    // Each batch: the batch statement, the changed runs, the messages; then the claim, the
+    // outcomes and the queue.
     assert!(
-        plans.len() >= 11,
-        "auto_explain reported every statement of three batches and a round: {} plans",
+        plans.len() >= 12,
+        "auto_explain reported every statement of three batches, a round and a count: {} plans",
         plans.len()
     );
     for plan in plans {
         for table in ["runs", "events", "forward_outbox"] {
             assert!(
                 !plan.contains(&format!("Seq Scan on {table} ")),
-                "a batch statement scans all of {table}: {plan}"
+                "a forwarding statement scans all of {table}: {plan}"
             );
         }
     }

@@ -88,13 +88,25 @@ const NEXT_DUE: &str = "\
 select min(next_attempt_at) from forward_outbox
 where target = $1 and state = 'pending' and next_attempt_at > $2";
 
+/// A target's queue: every count and lookup walks a partial index, pending or failed, never
+/// the delivered messages kept for replay. The latest error is looked up in each state apart:
+/// `state in ('pending', 'failed')` was planned as a scan of the whole table, every
+/// `gauges::INTERVAL`.
 const QUEUE: &str = "\
 select
     (select count(*) from forward_outbox where target = $1 and state = 'pending'),
     (select min(queued_at) from forward_outbox where target = $1 and state = 'pending'),
     (select count(*) from forward_outbox where target = $1 and state = 'failed'),
-    (select last_error from forward_outbox
-     where target = $1 and state in ('pending', 'failed') and last_error is not null
+    (select last_error from (
+         (select last_error, last_attempt_at, id from forward_outbox
+          where target = $1 and state = 'pending' and last_error is not null
+          order by last_attempt_at desc nulls last, id desc
+          limit 1)
+         union all
+         (select last_error, last_attempt_at, id from forward_outbox
+          where target = $1 and state = 'failed' and last_error is not null
+          order by last_attempt_at desc nulls last, id desc
+          limit 1)) as latest
      order by last_attempt_at desc nulls last, id desc
      limit 1)";
 
