@@ -631,17 +631,22 @@ const LIST_STUCK_RUNS: &str = concat!(
 );
 
 /// Stuck runs whose `run.stuck` is not queued since they last changed
-/// (`Outbox::queue_stuck_runs`), through `runs_unfinished`, locked for the transaction that
-/// queues them; another replica's sweep skips them rather than queue them twice.
-const RUNS_TO_QUEUE_STUCK: &str = concat!(
-    "select ",
-    run_columns!(),
-    " from runs
-      where status_rank < 2 and updated_at < $1
-        and (stuck_queued_at is null or stuck_queued_at < updated_at)
-      order by seq
-      limit $2
-      for update of runs skip locked"
+/// (`Outbox::queue_stuck_runs`), found through `runs_unfinished`, marked as queued at `$3`, and
+/// returned as `get_run` reads them, in one statement. The rows stay locked for the
+/// transaction that queues their messages; another replica's sweep skips them rather than
+/// queue them twice. Marked through the subquery's `seq`s, one primary-key probe each: a
+/// separate `message_id = any($1)` update was planned, generically, as a scan of every run.
+const MARK_STUCK_RUNS: &str = concat!(
+    "update runs set stuck_queued_at = $3
+      where seq in (
+          select seq from runs
+          where status_rank < 2 and updated_at < $1
+            and (stuck_queued_at is null or stuck_queued_at < updated_at)
+          order by seq
+          limit $2
+          for update skip locked)
+      returning ",
+    run_columns!()
 );
 
 /// Counts stuck runs through `runs_unfinished`, stopping at `$2`.

@@ -3,7 +3,8 @@
 //! sqlx prepares each statement once per connection, so a plan made on a fresh, small table
 //! is the plan of every batch after. Here every statement is planned generically from its
 //! first execution, on empty tables, and `auto_explain` (PostgreSQL's contrib module) sends
-//! each plan back as a notice, which sqlx logs.
+//! each plan back as a notice, which sqlx logs. The statements covered are forwarding's, on
+//! PostgreSQL: a batch with targets, a worker's round, the queue's count, the stuck sweep.
 
 use chrono::{TimeDelta, Utc};
 use nen_relay::store::{AttemptOutcome, FinishedAttempt, Lease};
@@ -84,6 +85,13 @@ async fn forwarding_statements_probe_indexes_on_plans_made_for_empty_tables() {
         .expect("counted");
     assert_eq!((queue.pending, queue.failed), (1, 0));
     assert_eq!(queue.last_error.as_deref(), Some("HTTP 500"));
+    // And the stuck sweep: every run here is unfinished, and last changed long ago.
+    let stuck = store
+        .outbox()
+        .queue_stuck_runs(Utc::now(), 100, Utc::now())
+        .await
+        .expect("queued");
+    assert_eq!(stuck, 12);
 
     let logged = logs::captured();
     // Only this test's connections load auto_explain, so every plan here is its store's.
@@ -92,10 +100,11 @@ async fn forwarding_statements_probe_indexes_on_plans_made_for_empty_tables() {
         .filter(|line| line.contains("sqlx::postgres::notice") && line.contains("Query Text"))
         .collect();
     // Each batch: the batch statement, the changed runs, the messages; then the claim, the
-    // outcomes and the queue.
+    // outcomes, the queue, and the sweep's two.
     assert!(
-        plans.len() >= 12,
-        "auto_explain reported every statement of three batches, a round and a count: {} plans",
+        plans.len() >= 14,
+        "auto_explain reported every statement of three batches, a round, a count and a sweep: \
+         {} plans",
         plans.len()
     );
     for plan in plans {

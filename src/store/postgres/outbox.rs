@@ -140,9 +140,6 @@ select t.target, r.message_id, $4, r.run, $5, $5, $5
 from unnest($1::text[]) as t(target)
 cross join unnest($2::text[], $3::text[]) as r(message_id, run)";
 
-const MARK_STUCK_QUEUED: &str = "\
-update runs set stuck_queued_at = $2 where message_id = any($1::text[])";
-
 const PRUNE: &str = "\
 delete from forward_outbox where id in (
     select id from forward_outbox
@@ -323,11 +320,14 @@ pub(super) async fn queue_stuck(
     let mut tx = store.pool.begin().await?;
     // Locked until commit, and skipped by another replica's sweep meanwhile: a run is queued
     // once whichever replica gets to it.
-    let rows: Vec<RunRow<DateTime<Utc>>> = sqlx::query_as(super::RUNS_TO_QUEUE_STUCK)
+    let mut rows: Vec<RunRow<DateTime<Utc>>> = sqlx::query_as(super::MARK_STUCK_RUNS)
         .bind(changed_before)
         .bind(i64::from(limit))
+        .bind(now)
         .fetch_all(&mut *tx)
         .await?;
+    // `returning` follows no order; the messages go in the runs' order.
+    rows.sort_by_key(|row| row.seq);
     if rows.is_empty() {
         return Ok(0);
     }
@@ -343,11 +343,6 @@ pub(super) async fn queue_stuck(
         .bind(&message_ids)
         .bind(&runs)
         .bind(outbox::STUCK)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(MARK_STUCK_QUEUED)
-        .bind(&message_ids)
         .bind(now)
         .execute(&mut *tx)
         .await?;
