@@ -4,8 +4,11 @@
 //! acknowledged status, and `GET /v1/runs/{id}/events` holds exactly one event per acknowledged
 //! `(message_id, status)`, whose `duplicates` counter covers every acknowledged repeat.
 
+use std::time::Duration;
+
 use anyhow::Context;
 use futures_util::stream::{self, StreamExt};
+use reqwest::Response;
 use serde::Deserialize;
 
 use crate::mix::Mix;
@@ -88,7 +91,7 @@ pub async fn verify(
     }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
-        .timeout(std::time::Duration::from_secs(30))
+        .timeout(Duration::from_secs(30))
         .build()?;
     let runs_checked = expectations.len();
     let failures: Vec<Failure> = stream::iter(expectations)
@@ -132,6 +135,31 @@ fn progress(status: &str) -> u8 {
     }
 }
 
+/// A read that the server may ask to repeat: a 503 (its read pool was busy for longer than the
+/// acquire timeout, as 64 parallel reads on two cores can make it) is tried again after its
+/// `Retry-After`, up to [`READ_ATTEMPTS`] times in all. Anything else is answered as it is.
+async fn get(client: &reqwest::Client, url: &str, token: &str) -> reqwest::Result<Response> {
+    let mut attempt = 1;
+    loop {
+        let response = client.get(url).bearer_auth(token).send().await?;
+        if response.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE || attempt == READ_ATTEMPTS
+        {
+            return Ok(response);
+        }
+        let wait = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok()?.parse::<u64>().ok())
+            .unwrap_or(1)
+            .min(5);
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        attempt += 1;
+    }
+}
+
+/// How many times a read answered 503 is sent in all.
+const READ_ATTEMPTS: u32 = 5;
+
 async fn check_run(
     client: &reqwest::Client,
     base_url: &str,
@@ -139,10 +167,7 @@ async fn check_run(
     expected: &Expectation<'_>,
 ) -> anyhow::Result<Option<String>> {
     let id = expected.message_id;
-    let run = client
-        .get(format!("{base_url}/v1/runs/{id}"))
-        .bearer_auth(token)
-        .send()
+    let run = get(client, &format!("{base_url}/v1/runs/{id}"), token)
         .await
         .with_context(|| format!("GET /v1/runs/{id}"))?;
     if run.status().is_server_error() || run.status() == reqwest::StatusCode::UNAUTHORIZED {
@@ -167,10 +192,7 @@ async fn check_run(
             run.status
         )));
     }
-    let events = client
-        .get(format!("{base_url}/v1/runs/{id}/events"))
-        .bearer_auth(token)
-        .send()
+    let events = get(client, &format!("{base_url}/v1/runs/{id}/events"), token)
         .await
         .with_context(|| format!("GET /v1/runs/{id}/events"))?
         .error_for_status()?;
@@ -200,6 +222,46 @@ async fn check_run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    fn busy() -> ResponseTemplate {
+        ResponseTemplate::new(503).insert_header("retry-after", "0")
+    }
+
+    #[tokio::test]
+    async fn a_read_answered_503_is_sent_again_until_it_is_answered() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/v1/runs/m-1"))
+            .respond_with(busy())
+            .up_to_n_times(2)
+            .expect(2)
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/v1/runs/m-1"))
+            .respond_with(ResponseTemplate::new(200))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let url = format!("{}/v1/runs/m-1", server.uri());
+        let response = get(&reqwest::Client::new(), &url, "token").await.unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_read_that_stays_unavailable_is_given_up_after_the_last_attempt() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .respond_with(busy())
+            .expect(u64::from(READ_ATTEMPTS))
+            .mount(&server)
+            .await;
+        let url = format!("{}/v1/runs/m-1", server.uri());
+        let response = get(&reqwest::Client::new(), &url, "token").await.unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    }
 
     #[test]
     fn statuses_only_move_forward_to_any_terminal_one() {
