@@ -7,8 +7,8 @@
 --    no index holds, so its new version is a heap-only tuple (HOT) when the page has room: one
 --    log record and no index entries, instead of one for the row and one per index. New pages
 --    are filled to 70 %; existing pages keep their rows as they are.
--- 2. Replay and pruning find a window of commits through a block-range (BRIN) index on
---    committed_at instead of a B-tree. Messages are appended roughly in commit order, so the
+-- 2. Replay finds its window of commits through a block-range (BRIN) index on committed_at
+--    instead of a B-tree (pruning selects on other columns and never used it). Messages are appended roughly in commit order, so the
 --    ranges stay narrow; a row's entry costs nothing until its range is summarized, where the
 --    B-tree took a new entry for every version of every row.
 alter table forward_outbox set (fillfactor = 70);
