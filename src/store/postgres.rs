@@ -3,13 +3,12 @@
 //! A batch of deliveries is written by one statement (`unnest` of arrays, data-modifying CTEs),
 //! which is its own transaction: one round trip and one commit shared by the whole batch. That
 //! statement, and the one that records a triggered run, implement in SQL the rules the SQLite
-//! store runs in Rust (`plan`, `forward_only`); each says which. With forwarding targets, a
-//! batch is an explicit transaction around that statement, which locks the batch's runs first
-//! so as to know which ones it changed, and queues their messages before it commits
-//! ([`RECORD_BATCH`] says how and why); without targets nothing of that runs.
+//! store runs in Rust (`plan`, `forward_only`); each says which. With forwarding targets, the
+//! same statement also queues the messages of the runs it changed
+//! ([`RECORD_BATCH_FORWARDING`]); without targets nothing of that runs.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -49,7 +48,7 @@ pub struct PostgresStore {
     /// What every pooled connection is opened with; a sweep opens its own connection with it.
     connect: PgConnectOptions,
     /// `StoreOptions::forward_targets`. With none, a batch is the one statement
-    /// [`RECORD_BATCH`]; with some, a transaction that also queues the changes (see there).
+    /// [`RECORD_BATCH`]; with some, [`RECORD_BATCH_FORWARDING`], which also queues the changes.
     forward_targets: Vec<String>,
 }
 
@@ -121,39 +120,23 @@ impl PostgresStore {
         result.map_err(|error| migrations::failed(error, lock_timeout))
     }
 
-    /// A batch without forwarding: [`RECORD_BATCH`] alone, one round trip.
+    /// A batch: [`RECORD_BATCH`], or with targets [`RECORD_BATCH_FORWARDING`]. One statement,
+    /// so one round trip and one implicit transaction either way.
     async fn try_record(&self, plan: &BatchPlan<'_>) -> Result<Vec<DeliveryOutcome>, sqlx::Error> {
-        let (outcomes, _) = record_batch(&self.pool, plan).await?;
-        Ok(outcomes)
+        record_batch(&self.pool, plan, &self.forward_targets).await
     }
 
-    /// A batch with forwarding: [`RECORD_BATCH`], then the messages of the runs it moved, in
-    /// one transaction (see there).
-    async fn try_record_forwarding(
-        &self,
-        plan: &BatchPlan<'_>,
-    ) -> Result<Vec<DeliveryOutcome>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let (outcomes, moved) = record_batch(&mut *tx, plan).await?;
-        let changed: Vec<&str> = moved.changed.iter().map(String::as_str).collect();
-        self.queue_changes(&mut tx, &changed).await?;
-        tx.commit().await?;
-        Ok(outcomes)
-    }
-
-    /// Queues a `run.status_changed` message per target for each run named, as it is now in
-    /// the transaction of `connection`, and announces them on `feed::FORWARD_CHANNEL` (at
-    /// commit). Two statements; none when no run is named.
-    async fn queue_changes(
+    /// Queues a `run.status_changed` message per target for the run a triggered run created, as
+    /// it is now in the transaction of `connection`, and announces them on
+    /// `feed::FORWARD_CHANNEL` (at commit). Two statements. (A batch queues its messages in its
+    /// own statement, [`RECORD_BATCH_FORWARDING`].)
+    async fn queue_change(
         &self,
         connection: &mut PgConnection,
-        message_ids: &[&str],
+        message_id: &str,
     ) -> Result<(), sqlx::Error> {
-        if message_ids.is_empty() {
-            return Ok(());
-        }
-        let rows: Vec<RunRow<DateTime<Utc>>> = sqlx::query_as(GET_RUNS)
-            .bind(message_ids)
+        let rows: Vec<RunRow<DateTime<Utc>>> = sqlx::query_as(GET_RUN)
+            .bind(message_id)
             .fetch_all(&mut *connection)
             .await?;
         let runs = rows
@@ -182,31 +165,39 @@ impl PostgresStore {
     }
 }
 
-/// Writes a batch with [`RECORD_BATCH`] on `executor`: each delivery's outcome, and the runs
-/// it moved.
+/// Writes a batch on `executor`, with [`RECORD_BATCH`], or [`RECORD_BATCH_FORWARDING`] when
+/// `forward_targets` names any: each delivery's outcome.
 async fn record_batch<'c>(
     executor: impl PgExecutor<'c>,
     plan: &BatchPlan<'_>,
-) -> Result<(Vec<DeliveryOutcome>, MovedRuns), sqlx::Error> {
+    forward_targets: &[String],
+) -> Result<Vec<DeliveryOutcome>, sqlx::Error> {
     let groups = GroupColumns::of(plan);
     let announcements = feed::payloads(feed::terminal_message_ids(plan.deliveries));
-    let rows: Vec<BatchRow> = groups
-        .bind(sqlx::query_as(RECORD_BATCH))
-        .bind(&announcements)
-        .fetch_all(executor)
-        .await?;
+    let query = if forward_targets.is_empty() {
+        groups
+            .bind(sqlx::query_as(RECORD_BATCH))
+            .bind(&announcements)
+    } else {
+        groups
+            .bind(sqlx::query_as(RECORD_BATCH_FORWARDING))
+            .bind(&announcements)
+            .bind(forward_targets)
+            .bind(STATUS_CHANGED)
+            .bind(Utc::now())
+            .bind(feed::FORWARD_CHANNEL)
+    };
+    let rows: Vec<BatchRow> = query.fetch_all(executor).await?;
     let index = group_index(plan);
     let mut inserted = vec![false; plan.groups.len()];
     let mut stored_sha256 = vec![None; plan.groups.len()];
-    let mut moved = MovedRuns::default();
+    // Each run's status after the batch.
+    let mut final_status = HashMap::new();
     for row in rows {
         match row.inserted {
             // A run row: the status the run settled on.
             None => {
-                if row.changed == Some(true) {
-                    moved.changed.insert(row.message_id.clone());
-                }
-                moved.final_status.insert(row.message_id, row.status);
+                final_status.insert(row.message_id, row.status);
             }
             Some(new_event) => {
                 let key = (row.message_id.as_str(), row.status.as_str());
@@ -220,21 +211,8 @@ async fn record_batch<'c>(
             }
         }
     }
-    let conflicting = plan.conflicting_terminals(&inserted, &moved.final_status);
-    Ok((
-        plan.outcomes(&inserted, &stored_sha256, &conflicting),
-        moved,
-    ))
-}
-
-/// The runs a batch wrote.
-#[derive(Default)]
-struct MovedRuns {
-    /// Each one's status after the batch.
-    final_status: HashMap<String, String>,
-    /// Those it changed (`changes::is_change`): created, or moved to a further status. In key
-    /// order, the order their messages are queued in.
-    changed: BTreeSet<String>,
+    let conflicting = plan.conflicting_terminals(&inserted, &final_status);
+    Ok(plan.outcomes(&inserted, &stored_sha256, &conflicting))
 }
 
 /// A row of [`RECORD_BATCH`]: one per group of the batch, then one per run it moved.
@@ -247,59 +225,13 @@ struct BatchRow {
     inserted: Option<bool>,
     /// For a group whose event was already stored: that event's body hash.
     stored_body_sha256: Option<Vec<u8>>,
-    /// For a run: whether the batch changed it (created it, or moved it to a further status).
-    /// Null for a group.
-    changed: Option<bool>,
 }
 
-/// A whole batch in one statement, so one round trip and one implicit transaction. `batch` has
-/// one row per group of deliveries with the same `(message_id, status)`, in key order
-/// ([`GroupColumns`]).
-///
-/// 1. `recorded_events`: each group's first delivery becomes an event, or, when
-///    `(message_id, status)` is already stored (committed earlier, or just now by another
-///    writer: `on conflict` waits for it and sees it), every copy is added to that event's
-///    counters, and those whose body differs from the stored one to `differing_duplicates`
-///    (`BatchPlan::differing_copies` in SQL). `xmax = 0` tells the rows this statement inserted
-///    from those it updated.
-/// 2. `new_events`, `furthest_new_events`, `new_event_spans`: the runs that got a new event, and
-///    how each moves: `BatchPlan::run_changes` in SQL, because which events are new is only
-///    known inside the statement. The furthest new status wins, the first to arrive among
-///    equally far ones; the run spans from the earliest to the latest arrival, and a workflow_id
-///    or expiry the winner lacks comes from the first new event that has one.
-///    `new_event_spans` is materialized: inlined into the join, its aggregate ran again for
-///    every run, which made a batch cost quadratic in its size.
-/// 3. `moved_runs`: each of those runs is created or moved forward: `RunState::advanced` in
-///    SQL, as the `on conflict` clause. `status_rank` 2 is terminal (see the migration).
-///
-/// 4. `announced`: the runs the batch's terminal deliveries made (or found) terminal are
-///    announced on `feed::CHANNEL`, one `pg_notify` per payload in `$18` (`feed::payloads`).
-///    PostgreSQL delivers them at commit, so a listener never hears of a change before it can
-///    read it, and never of a batch that rolled back. The last branch's one-time filter is what
-///    makes the statement evaluate `announced`; it is always true.
-///
-/// Every group comes back as `(message_id, status, inserted, stored_body_sha256, null)`, and
-/// every moved run as `(message_id, its final status, null, null, changed)`. `changed` is
-/// `changes::is_change` in SQL: the statement created the run (`previous_status_rank` stays
-/// null), or raised its rank. The update keeps the rank it found in `previous_status_rank`
-/// (migration 0006), because `on conflict do update ... returning` sees only the row it left,
-/// and the row it found is the latest committed one, read under its row lock: exact even when
-/// another writer moved the run between this statement's snapshot and its update. Rows are
-/// written in key order, so that concurrent writers lock them in one order.
-///
-/// Without forwarding targets this statement is the whole batch. With targets, every change of
-/// a run queues its messages in the transaction that commits it
-/// (`PostgresStore::try_record_forwarding`): begin, this statement, the changed runs read with
-/// [`GET_RUNS`] (the columns of `get_run`, so they see this statement's events) and rendered as
-/// the API renders them, [`QUEUE_CHANGES`] (which also notifies `feed::FORWARD_CHANNEL`, at
-/// commit), commit. The row lock this statement takes on each run it moves is held to the
-/// commit, so a later writer of the same run (a batch, a triggered run, the stuck sweep) waits
-/// for it before it queues anything: the messages of a run are inserted, and numbered, in
-/// commit order, which is the order they are sent in.
-///
-/// Round trips: 1 without targets; with targets 3 (begin, this, commit), plus 2 when the batch
-/// changed a run.
-const RECORD_BATCH: &str = "\
+/// The writes of [`RECORD_BATCH`] and [`RECORD_BATCH_FORWARDING`], up to `moved_runs`'
+/// `returning` list, which each completes.
+macro_rules! record_batch_writes {
+    () => {
+        "\
 with batch (message_id, status, arrival, status_rank, received_at, last_received_at, payload,
             body_sha256, key_id, repeats, differing_repeats, copy_hashes,
             workflow_id, expires_at, result, assets_url, error) as (
@@ -381,20 +313,181 @@ moved_runs as (
         error = case when excluded.status_rank > runs.status_rank
                      then excluded.error else runs.error end,
         previous_status_rank = runs.status_rank
-    returning message_id, status,
-              previous_status_rank is null or status_rank > previous_status_rank as changed),
-announced as (
+"
+    };
+}
+
+/// The end of [`RECORD_BATCH`] and [`RECORD_BATCH_FORWARDING`]: the terminal runs' announcement
+/// and the answer rows, up to the `where` clause, which each completes.
+macro_rules! record_batch_answer {
+    () => {
+        "announced as (
     select count(*) as sent
     from (select pg_notify('nen_relay_terminal_runs', payload)
           from unnest($18::text[]) as payload) as notifications)
 select message_id, status, inserted,
-       case when inserted then null else body_sha256 end as stored_body_sha256,
-       null::boolean as changed
+       case when inserted then null else body_sha256 end as stored_body_sha256
 from recorded_events
 union all
-select message_id, status, null, null, changed
+select message_id, status, null, null
 from moved_runs
-where (select sent from announced) >= 0";
+"
+    };
+}
+
+/// A time column as `chrono` serializes a `DateTime<Utc>` (RFC 3339, `Z`, and 0, 3 or 6
+/// fractional digits: as many as the value needs, PostgreSQL keeping microseconds).
+macro_rules! json_time {
+    ($column:literal) => {
+        concat!(
+            "('\"' || to_char(",
+            $column,
+            " at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS')",
+            " || case when to_char(",
+            $column,
+            ", 'US') = '000000' then ''",
+            " when right(to_char(",
+            $column,
+            ", 'US'), 3) = '000' then '.' || to_char(",
+            $column,
+            ", 'MS')",
+            " else '.' || to_char(",
+            $column,
+            ", 'US') end || 'Z\"')"
+        )
+    };
+}
+
+/// `moved` (a row of `moved_runs` in [`RECORD_BATCH_FORWARDING`]) as JSON text, as `Run`'s
+/// serialization writes it after `RunRow::into_run`: the fields in `Run`'s order, strings
+/// escaped as `serde_json` escapes them (which `to_json` matches), the JSON columns as their
+/// stored text (the read serves that text as it is), `stuck` false, and `workflow_params` only
+/// when stored.
+macro_rules! run_json {
+    () => {
+        concat!(
+            "'{\"message_id\":' || to_json(moved.message_id)::text",
+            " || ',\"workflow_id\":' || coalesce(to_json(moved.workflow_id)::text, 'null')",
+            " || ',\"status\":' || to_json(moved.status)::text",
+            " || ',\"created_at\":' || ",
+            json_time!("moved.created_at"),
+            " || ',\"updated_at\":' || ",
+            json_time!("moved.updated_at"),
+            " || ',\"completed_at\":' || coalesce(",
+            json_time!("moved.completed_at"),
+            ", 'null')",
+            " || ',\"expires_at\":' || coalesce(",
+            json_time!("moved.expires_at"),
+            ", 'null')",
+            " || ',\"result\":' || coalesce(moved.result::text, 'null')",
+            " || ',\"assets_url\":' || coalesce(to_json(moved.assets_url)::text, 'null')",
+            " || ',\"error\":' || coalesce(to_json(moved.error)::text, 'null')",
+            " || ',\"triggered_here\":' || moved.triggered_here::text",
+            " || ',\"conflicting_terminals\":' || (moved.status_rank = 2 and (
+                exists (select 1 from events
+                        where events.message_id = moved.message_id
+                          and events.status <> moved.status
+                          and events.status not in ('submitted', 'processing'))
+                or exists (select 1 from new_events
+                           where new_events.message_id = moved.message_id
+                             and new_events.status <> moved.status
+                             and new_events.status not in ('submitted', 'processing'))))::text",
+            " || ',\"stuck\":false'",
+            " || coalesce(',\"workflow_params\":' || moved.workflow_params::text, '')",
+            " || '}'"
+        )
+    };
+}
+
+/// A whole batch in one statement, so one round trip and one implicit transaction. `batch` has
+/// one row per group of deliveries with the same `(message_id, status)`, in key order
+/// ([`GroupColumns`]).
+///
+/// 1. `recorded_events`: each group's first delivery becomes an event, or, when
+///    `(message_id, status)` is already stored (committed earlier, or just now by another
+///    writer: `on conflict` waits for it and sees it), every copy is added to that event's
+///    counters, and those whose body differs from the stored one to `differing_duplicates`
+///    (`BatchPlan::differing_copies` in SQL). `xmax = 0` tells the rows this statement inserted
+///    from those it updated.
+/// 2. `new_events`, `furthest_new_events`, `new_event_spans`: the runs that got a new event, and
+///    how each moves: `BatchPlan::run_changes` in SQL, because which events are new is only
+///    known inside the statement. The furthest new status wins, the first to arrive among
+///    equally far ones; the run spans from the earliest to the latest arrival, and a workflow_id
+///    or expiry the winner lacks comes from the first new event that has one.
+///    `new_event_spans` is materialized: inlined into the join, its aggregate ran again for
+///    every run, which made a batch cost quadratic in its size.
+/// 3. `moved_runs`: each of those runs is created or moved forward: `RunState::advanced` in
+///    SQL, as the `on conflict` clause. `status_rank` 2 is terminal (see the migration).
+///
+/// 4. `announced`: the runs the batch's terminal deliveries made (or found) terminal are
+///    announced on `feed::CHANNEL`, one `pg_notify` per payload in `$18` (`feed::payloads`).
+///    PostgreSQL delivers them at commit, so a listener never hears of a change before it can
+///    read it, and never of a batch that rolled back. The last branch's one-time filter is what
+///    makes the statement evaluate `announced`; it is always true.
+///
+/// Every group comes back as `(message_id, status, inserted, stored_body_sha256)`, and every
+/// moved run as `(message_id, its final status, null, null)`. `moved_runs` also tells whether
+/// it changed the run (`changed`, which [`RECORD_BATCH_FORWARDING`] queues messages for):
+/// `changes::is_change` in SQL: the statement created the run (`previous_status_rank` stays
+/// null), or raised its rank. The update keeps the rank it found in `previous_status_rank`
+/// (migration 0006), because `on conflict do update ... returning` sees only the row it left,
+/// and the row it found is the latest committed one, read under its row lock: exact even when
+/// another writer moved the run between this statement's snapshot and its update. Rows are
+/// written in key order, so that concurrent writers lock them in one order.
+const RECORD_BATCH: &str = concat!(
+    record_batch_writes!(),
+    "    returning message_id, status,
+              previous_status_rank is null or status_rank > previous_status_rank as changed),
+",
+    record_batch_answer!(),
+    "where (select sent from announced) >= 0"
+);
+
+/// [`RECORD_BATCH`] for a store with forwarding targets: the same writes and answer, and in the
+/// same statement one `run.status_changed` message per changed run and target `$19`, of type
+/// `$20`, committed, queued and due at `$21`, announced on channel `$22`
+/// (`feed::FORWARD_CHANNEL`) at commit. One round trip, like a batch without targets, where
+/// an explicit transaction took five (begin, the batch, the changed runs read, the messages,
+/// commit): on two cores each took about half a millisecond under load, and with one writer
+/// the rate is the batch over its latency (docs/performance.md).
+///
+/// The messages of a run are numbered in commit order, the order they are sent in: the row
+/// lock this statement takes on each run it moves is held to the commit, so a later writer of
+/// the same run (a batch, a triggered run, the stuck sweep) waits for it before it queues
+/// anything.
+///
+/// The message is the run as `GET /v1/runs/{id}` shows it right after the change, rendered
+/// here as `Run`'s serialization renders it, byte for byte (`run_json!`; the test
+/// `forward_batch_json` compares the two). `moved_runs` returns the row as the update left
+/// it, read under its row lock. `conflicting_terminals` is the read's rule (`run_columns!`)
+/// over the stored events and this statement's new ones, which the statement's snapshot does
+/// not show. No other writer can have added a conflicting terminal the snapshot misses: one
+/// that committed a terminal status for the run would have made the run terminal, and then
+/// this statement would not have moved it.
+const RECORD_BATCH_FORWARDING: &str = concat!(
+    record_batch_writes!(),
+    "    returning message_id, status,
+              previous_status_rank is null or status_rank > previous_status_rank as changed,
+              workflow_id, status_rank, created_at, updated_at, completed_at, expires_at,
+              result, assets_url, error, triggered_here, workflow_params),
+forwarded as (
+    insert into forward_outbox (target, message_id, event_type, run,
+                                committed_at, queued_at, next_attempt_at)
+    select target.name, moved.message_id, $20, ",
+    run_json!(),
+    ", $21, $21, $21
+    from moved_runs as moved
+    cross join unnest($19::text[]) with ordinality as target (name, position)
+    where moved.changed
+    order by moved.message_id, target.position
+    returning id),
+forward_announced as (
+    select count(*) as sent
+    from (select pg_notify($22, '') where exists (select 1 from forwarded)) as notification),
+",
+    record_batch_answer!(),
+    "where (select sent from announced) >= 0 and (select sent from forward_announced) >= 0"
+);
 
 /// The groups of a batch, column by column in key order, as [`RECORD_BATCH`] binds them.
 struct GroupColumns<'a> {
@@ -556,25 +649,9 @@ const GET_RUN: &str = concat!(
     " from runs where message_id = $1"
 );
 
-/// Runs as [`GET_RUN`] reads them, several at once: the changed runs of a batch with
-/// forwarding targets ([`RECORD_BATCH`]).
-///
-/// One probe of the unique index per id, whatever the statistics. As `message_id = any($1)`,
-/// the generic plan that sqlx's prepared statement settles on after a few batches was made
-/// while the table was small, and scanned the whole table for every batch from then on (4 ms
-/// a batch at 3,000 runs, growing with the table). The `limit 1` keeps the planner from
-/// flattening the lateral probe into a join, which it would hash over a scan just the same.
-const GET_RUNS: &str = concat!(
-    "select run.* from unnest($1::text[]) as wanted (message_id)
-     cross join lateral (select ",
-    run_columns!(),
-    " from runs where runs.message_id = wanted.message_id limit 1) as run
-     order by run.message_id"
-);
-
 /// Queues one `$4` message per `($1 target, $2 message_id, $3 run)`, committed, queued and due
-/// at `$5`, and notifies channel `$6` (`feed::FORWARD_CHANNEL`) at commit: a batch's (see
-/// [`RECORD_BATCH`]), and the trigger's.
+/// at `$5`, and notifies channel `$6` (`feed::FORWARD_CHANNEL`) at commit: a triggered run's
+/// (`PostgresStore::queue_change`).
 const QUEUE_CHANGES: &str = "\
 with queued as (
     insert into forward_outbox (target, message_id, event_type, run,
@@ -680,18 +757,9 @@ impl Store for PostgresStore {
             return Ok(Vec::new());
         }
         let plan = BatchPlan::new(deliveries);
-        if self.forward_targets.is_empty() {
-            let mut attempt = 1;
-            loop {
-                match self.try_record(&plan).await {
-                    Err(error) if is_retryable(&error) && attempt < MAX_ATTEMPTS => attempt += 1,
-                    result => return result.map_err(StoreError::from),
-                }
-            }
-        }
         let mut attempt = 1;
         loop {
-            match self.try_record_forwarding(&plan).await {
+            match self.try_record(&plan).await {
                 Err(error) if is_retryable(&error) && attempt < MAX_ATTEMPTS => attempt += 1,
                 result => return result.map_err(StoreError::from),
             }
@@ -772,8 +840,7 @@ impl Store for PostgresStore {
             .fetch_one(&mut *tx)
             .await?;
         if created {
-            self.queue_changes(&mut tx, &[run.message_id.as_str()])
-                .await?;
+            self.queue_change(&mut tx, &run.message_id).await?;
         }
         tx.commit().await?;
         Ok(())

@@ -7,7 +7,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use nen_relay::callbacks::ingest::Ingest;
+use nen_relay::callbacks::payload::parse_callback;
 use nen_relay::config::IngestSettings;
 use nen_relay::forward::ForwardWake;
 use nen_relay::runs::status::StatusRank;
@@ -214,6 +217,79 @@ async fn a_triggered_run_is_a_change_unless_a_callback_created_it(db: TestDataba
             .unwrap()
             .triggered_here
     );
+}
+
+/// A callback received at `at(0)` plus `micros` microseconds.
+fn delivery_at_micros(body: &str, micros: i64) -> Delivery {
+    let raw = Bytes::from(body.to_owned());
+    let parsed = parse_callback(&raw).expect("a valid callback body");
+    let received_at = at(0) + chrono::Duration::microseconds(micros);
+    Delivery::verified(raw, parsed, "key-1", received_at)
+}
+
+/// The message holds the run exactly as the API serializes it, whatever the text in its
+/// fields and the precision of its times: PostgreSQL renders it inside the batch statement
+/// (`RECORD_BATCH_FORWARDING`), so this compares that rendering with `Run`'s, byte for byte.
+async fn a_message_is_the_run_byte_for_byte_whatever_its_text_and_times(db: TestDatabase) {
+    let store = open_forwarding(&db, &TARGETS).await;
+    let awkward = "quote \" backslash \\ slash / tab \t newline \n bell \u{7} del \u{7f} \
+                   é 😀 \u{2028} <&>";
+    let body = |message_id: &str, status: &str| {
+        callback(
+            message_id,
+            status,
+            json!({
+                "workflow_id": awkward,
+                "error": awkward,
+                "assets": format!("https://example.test/{awkward}"),
+                "result": {"ü": [1, 2.50, -0.0, 1e300, "x\u{1}"], "nested": {"a": null, "b": awkward}},
+                "expires_at": "2026-10-30T20:20:00.123456Z",
+            }),
+        )
+    };
+    // Fractions of a second as chrono writes them: none, three digits, six digits.
+    let batch = vec![
+        delivery_at_micros(&body("m-whole", "failed"), 0),
+        delivery_at_micros(&body("m-millis", "processing"), 123_000),
+        delivery_at_micros(&body("m-micros", "success"), 123_456),
+        // Two terminals of a new run in one batch: the run shows the conflict at once.
+        delivery_at_micros(&body("m-torn", "success"), 200_001),
+        delivery_at_micros(&body("m-torn", "failed"), 200_002),
+    ];
+    store.record_deliveries(&batch).await.expect("recorded");
+    // A run started here, with its parameters kept, then moved by a callback.
+    store
+        .record_triggered_run(&TriggeredRun {
+            workflow_params: Some(json!({"k": awkward, "n": [1, 2]}).to_string()),
+            ..triggered("m-params", 1)
+        })
+        .await
+        .unwrap();
+    store
+        .record_deliveries(&[delivery_at_micros(&body("m-params", "processing"), 300_007)])
+        .await
+        .unwrap();
+
+    let rows = forward_rows(&db).await;
+    for message_id in ["m-whole", "m-millis", "m-micros", "m-torn"] {
+        let expected = run_json(&store, message_id).await;
+        for target in TARGETS {
+            let messages = messages_of(&rows, target, message_id);
+            assert_eq!(messages.len(), 1, "{target} {message_id}: {rows:#?}");
+            assert_eq!(messages[0].run, expected, "{target} {message_id}");
+        }
+    }
+    let torn: Value = serde_json::from_str(&run_json(&store, "m-torn").await).unwrap();
+    assert_eq!(torn["conflicting_terminals"], json!(true));
+    let moved = run_json(&store, "m-params").await;
+    for target in TARGETS {
+        let messages = messages_of(&rows, target, "m-params");
+        assert_eq!(messages.len(), 2, "started, then moved: {rows:#?}");
+        assert_eq!(messages[1].run, moved, "{target}");
+    }
+    let moved: Value = serde_json::from_str(&moved).unwrap();
+    assert_eq!(moved["workflow_params"]["k"], json!(awkward));
+    assert_eq!(moved["triggered_here"], json!(true));
 }
 
 async fn without_targets_nothing_is_queued(db: TestDatabase) {
@@ -480,6 +556,7 @@ on_both_backends!(
     several_statuses_of_a_run_in_one_batch_are_one_change,
     a_run_s_messages_are_numbered_in_commit_order,
     a_triggered_run_is_a_change_unless_a_callback_created_it,
+    a_message_is_the_run_byte_for_byte_whatever_its_text_and_times,
     without_targets_nothing_is_queued,
     a_change_whose_messages_cannot_be_written_is_not_written,
     messages_follow_the_changes_seen_in_random_histories,
