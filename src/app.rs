@@ -95,6 +95,8 @@ impl Application {
                 .targets
                 .iter()
                 .map(|target| target.name.as_str()),
+            settings.forward.concurrency,
+            settings.forward.lease,
         );
         let waiters = Waiters::new(settings.query.max_waiters, settings.query.wait_recheck);
         let (ingest, writers) = Ingest::start(

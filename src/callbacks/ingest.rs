@@ -189,7 +189,7 @@ impl Writer {
     /// Called before the answers go out: a caller that was answered finds the workers woken.
     fn wake_forwarding(&self, outcomes: &[DeliveryOutcome]) {
         if outcomes.iter().any(|outcome| !outcome.duplicate) {
-            self.forward_wake.wake_all();
+            self.forward_wake.after_commit();
         }
     }
 

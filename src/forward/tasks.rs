@@ -30,20 +30,24 @@ impl Forwarding {
         if settings.targets.is_empty() {
             return Ok(None);
         }
+        // Messages written leased to the workers go to them at commit, without a claim.
+        if store.outbox().hand_off_to(Arc::new(wake.clone())) {
+            wake.store_reports_commits();
+        }
         let outbox: Arc<dyn OutboxSource> = Arc::new(StoreOutbox(store));
         let client = send::client(settings.timeout)?;
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
         for target in &settings.targets {
-            let Some(notify) = wake.notified(&target.name) else {
-                anyhow::bail!("no forwarding wake for target {:?}", target.name);
+            let Some(link) = wake.worker_link(&target.name) else {
+                anyhow::bail!("no forwarding link for target {:?}", target.name);
             };
             let worker = Worker {
                 target: target.clone(),
                 outbox: outbox.clone(),
                 client: client.clone(),
                 settings: WorkerSettings::from(settings),
-                wake: notify,
+                link,
             };
             tasks.spawn(worker.run(stop.clone()));
         }

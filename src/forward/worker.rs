@@ -1,11 +1,13 @@
-//! One delivery worker per target: claims due messages, sends them concurrently, records what
-//! came of each, and sleeps when nothing is due.
+//! One delivery worker per target: takes due messages (handed over at commit, or claimed),
+//! sends them concurrently, records what came of each, and sleeps when nothing is due.
 //!
-//! - It claims up to `forward.concurrency` messages less those in flight, leased to this
-//!   worker until `now + forward.lease`; another replica's claim skips them until then, and a
-//!   replica that dies mid-send leaves them to the next claim after the lease.
-//! - Order per run is the store's: a claim never returns a later message of a run while an
-//!   earlier one is pending. Outcomes are recorded, and more claimed, in rounds: once at most
+//! - It holds at most `forward.concurrency` messages, one slot each (`wake::WorkerLink`).
+//!   Commits in this process hand it the messages they wrote leased to it while it has room
+//!   (`store::handoff`); it claims the rest, up to its free slots, leased until
+//!   `now + forward.lease`. Another replica's claim skips a leased message until then, and a
+//!   replica that dies mid-send leaves it to the next claim after the lease.
+//! - Order per run is the store's: neither a claim nor a hand-off gives a worker a later
+//!   message of a run while an earlier one is pending. Outcomes are recorded, and more claimed, in rounds: once at most
 //!   half of `forward.concurrency` is still in flight (or nothing is), all finished sends are
 //!   recorded in one statement and the room is refilled with one claim. Store statements then
 //!   cost a fraction of one per message under load instead of two or three, and a run's next
@@ -22,11 +24,12 @@
 //!   longer each time up to [`MAX_PAUSE`]; outcomes not yet recorded are kept and recorded
 //!   later. Nothing ends the task but its stop token.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::Notify;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -35,11 +38,14 @@ use uuid::Uuid;
 use super::backoff::Backoff;
 use super::outage::{self, Outage, Reach};
 use super::send::{self, Sent};
+use super::wake::WorkerLink;
 use super::{OutboxSource, Target};
 use crate::config::ForwardSettings;
 use crate::metrics;
 use crate::store::outbox::webhook_id;
-use crate::store::{AttemptOutcome, FinishedAttempt, Lease, OutboxMessage, StoreError};
+use crate::store::{
+    AttemptOutcome, FinishedAttempt, HandedMessage, Lease, OutboxMessage, StoreError,
+};
 
 /// The longest pause after store errors.
 pub const MAX_PAUSE: Duration = Duration::from_secs(30);
@@ -74,8 +80,8 @@ pub struct Worker {
     pub outbox: Arc<dyn OutboxSource>,
     pub client: reqwest::Client,
     pub settings: WorkerSettings,
-    /// Notified when messages were queued for this target.
-    pub wake: Arc<Notify>,
+    /// How commits wake it and hand it messages (`wake`).
+    pub link: WorkerLink,
 }
 
 /// One finished send, not yet recorded.
@@ -89,9 +95,9 @@ struct Done {
 impl Worker {
     /// Runs until `stop` is cancelled, then waits for the sends in flight and records them (the
     /// caller bounds how long; whatever is cut off is sent again after its lease).
-    pub async fn run(self, stop: CancellationToken) {
-        // One lease owner per worker: its claims never overlap, so one id is enough.
-        let owner = Uuid::new_v4();
+    pub async fn run(mut self, stop: CancellationToken) {
+        // One lease owner per worker, for its claims and its hand-offs: they never overlap.
+        let owner = self.link.owner;
         let mut in_flight: JoinSet<Done> = JoinSet::new();
         let mut unrecorded: Vec<Done> = Vec::new();
         let mut trouble = StoreTrouble::default();
@@ -100,6 +106,8 @@ impl Worker {
             if stop.is_cancelled() {
                 break;
             }
+            // Hand-offs bypass the outage's rests, so none while resting.
+            self.accept_handoffs(outage.resting_until(Instant::now()).is_none());
             if let Some(pause) = trouble.take_pause() {
                 tokio::select! {
                     () = stop.cancelled() => break,
@@ -107,6 +115,9 @@ impl Worker {
                 }
             }
             collect_finished(&mut in_flight, &mut unrecorded);
+            while let Ok(handed) = self.link.handed.try_recv() {
+                self.start_handed(&mut in_flight, handed);
+            }
             let mut wake_at = None;
             if self.round_due(in_flight.len()) {
                 if !unrecorded.is_empty() {
@@ -116,6 +127,12 @@ impl Worker {
                     }
                 }
                 if let Some(until) = outage.resting_until(Instant::now()) {
+                    // No hand-offs while resting; those handed over already are leased to this
+                    // worker, and go now rather than outlast their lease in the channel.
+                    self.accept_handoffs(false);
+                    while let Ok(handed) = self.link.handed.try_recv() {
+                        self.start_handed(&mut in_flight, handed);
+                    }
                     if in_flight.is_empty() {
                         sleep_or_stop(until, &stop).await;
                     } else {
@@ -124,13 +141,26 @@ impl Worker {
                     }
                     continue;
                 }
-                let room = self.settings.concurrency.saturating_sub(in_flight.len());
+                // Every free slot: those not held by a send or reserved for a hand-off.
+                let mut slots = self.free_slots();
                 let claimed_at = Utc::now();
-                match self.claim(owner, room, claimed_at).await {
+                match self
+                    .claim(
+                        owner,
+                        slots.as_ref().map_or(0, |s| s.num_permits()),
+                        claimed_at,
+                    )
+                    .await
+                {
                     Ok(messages) => {
                         trouble.recovered(&self.target.name);
                         for message in messages {
-                            self.start(&mut in_flight, owner, message);
+                            match slots.as_mut().and_then(|slots| slots.split(1)) {
+                                Some(slot) => self.start(&mut in_flight, owner, message, slot),
+                                None => {
+                                    tracing::error!(target_name = %self.target.name, "a claim returned more messages than asked for; the rest go after their lease")
+                                }
+                            }
                         }
                     }
                     Err(error) => {
@@ -158,9 +188,16 @@ impl Worker {
                         unrecorded.push(done);
                     }
                 }
-                () = self.wake.notified(), if may_claim => {}
+                Some(handed) = self.link.handed.recv() => self.start_handed(&mut in_flight, handed),
+                () = self.link.wake.notified(), if may_claim => {}
                 () = sleep_until(wake_at), if wake_at.is_some() => {}
             }
+        }
+        // Messages handed over already are leased to this worker: they go now, with the rest.
+        self.accept_handoffs(false);
+        self.link.handed.close();
+        while let Some(handed) = self.link.handed.recv().await {
+            self.start_handed(&mut in_flight, handed);
         }
         while let Some(done) = in_flight.join_next().await {
             unrecorded.extend(finished(done));
@@ -224,7 +261,35 @@ impl Worker {
         })
     }
 
-    fn start(&self, in_flight: &mut JoinSet<Done>, owner: Uuid, message: OutboxMessage) {
+    /// Whether commits may write messages leased to this worker now (`store::handoff`).
+    fn accept_handoffs(&self, accept: bool) {
+        self.link.accepting.store(accept, Ordering::Release);
+    }
+
+    /// Every slot that is free now, taken at once; `None` when none is.
+    fn free_slots(&self) -> Option<OwnedSemaphorePermit> {
+        let free = u32::try_from(self.link.slots.available_permits()).ok()?;
+        if free == 0 {
+            return None;
+        }
+        self.link.slots.clone().try_acquire_many_owned(free).ok()
+    }
+
+    /// Sends messages written leased to this worker, each in the slot reserved for it.
+    fn start_handed(&self, in_flight: &mut JoinSet<Done>, handed: Vec<HandedMessage>) {
+        for HandedMessage { message, slot } in handed {
+            self.start(in_flight, self.link.owner, message, slot);
+        }
+    }
+
+    /// Sends `message` in a task that holds `slot` until the send ends.
+    fn start(
+        &self,
+        in_flight: &mut JoinSet<Done>,
+        owner: Uuid,
+        message: OutboxMessage,
+        slot: OwnedSemaphorePermit,
+    ) {
         let client = self.client.clone();
         let target = self.target.clone();
         let settings = self.settings;
@@ -232,6 +297,7 @@ impl Worker {
             let attempted_at = Utc::now();
             let sent = send::send(&client, &target, &message, attempted_at).await;
             let finished_at = Utc::now();
+            drop(slot);
             let reach = Reach::of(&sent);
             let outcome = match sent {
                 Sent::Delivered => AttemptOutcome::Delivered,

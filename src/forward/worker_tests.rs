@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::fake::{FakeOutbox, State};
+use super::wake::WorkerLink;
 use super::{prune, send, stuck, Backoff, OutboxSource, Target, Worker, WorkerSettings};
 use crate::config::TargetSettings;
 use crate::runs::stuck::StuckRule;
@@ -122,14 +123,15 @@ fn start(fake: &Arc<FakeOutbox>, address: SocketAddr, settings: WorkerSettings) 
         false,
     )
     .unwrap();
-    let wake = Arc::new(Notify::new());
+    let link = WorkerLink::claims_only(settings.concurrency);
+    let wake = link.wake.clone();
     let outbox: Arc<dyn OutboxSource> = fake.clone();
     let worker = Worker {
         target,
         outbox,
         client: send::client(Duration::from_secs(10)).unwrap(),
         settings,
-        wake: wake.clone(),
+        link,
     };
     let stop = CancellationToken::new();
     let handle = tokio::spawn(worker.run(stop.clone()));

@@ -383,7 +383,7 @@ impl RunStarter {
             created_at: Utc::now(),
         };
         match self.store.record_triggered_run(&run).await {
-            Ok(()) => self.forward_wake.wake_all(),
+            Ok(()) => self.forward_wake.after_commit(),
             // The run exists on Nen whatever happens here: its callbacks will create the record.
             Err(error) => {
                 tracing::error!(%message_id, %error, "Nen accepted the run, but recording it failed");

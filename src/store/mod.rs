@@ -30,6 +30,7 @@ mod changes;
 mod claim;
 pub mod feed;
 mod forward_only;
+pub mod handoff;
 mod listing;
 mod migrations;
 pub mod model;
@@ -49,6 +50,7 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 
 pub use feed::{FeedEvent, TerminalRunFeed};
+pub use handoff::{HandedMessage, Handoff, Reservation};
 pub use model::{
     ClaimOutcome, Delivery, DeliveryOutcome, Event, IdempotencyClaim, RejectedPayload, Run,
     RunCursor, RunPage, RunQuery, StoredResponse, TriggeredRun,
@@ -187,6 +189,14 @@ pub trait Store: Send + Sync + 'static {
 /// `StoreOptions::forward_targets`, in the transaction of the change.
 #[async_trait]
 pub trait Outbox: Send + Sync {
+    /// From now on, writes the messages of a change leased to `handoff`'s workers when they
+    /// have room, and reports every commit that queued messages to it (`handoff`). Answers
+    /// whether it will: a store without hand-offs answers `false`, and its messages are all
+    /// claimed; only the first call is taken.
+    fn hand_off_to(&self, _handoff: Arc<dyn Handoff>) -> bool {
+        false
+    }
+
     /// Claims up to `limit` claimable messages of `target` (see `outbox`), soonest due first
     /// (a run's own messages one at a time, in id order), and leases them: until the lease
     /// ends, no other claim returns them, on any replica.

@@ -10,10 +10,11 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::postgres::{
     PgArguments, PgConnectOptions, PgConnection, PgExecutor, PgListener, PgPool, PgPoolOptions,
 };
@@ -31,10 +32,13 @@ use super::outbox::{
 use super::plan::BatchPlan;
 use super::retention::SweepSession;
 use super::rows::{EventRow, RunRow};
-use super::{migrations, Outbox, PoolUsage, Store, StoreError, StoreOptions};
+use super::{migrations, Handoff, Outbox, PoolUsage, Store, StoreError, StoreOptions};
 
+mod handed;
 mod outbox;
 mod sweep;
+
+use handed::{Handed, HandoffOffer, QueuedRow};
 
 /// Deadlocks and serialization failures between concurrent writers are retried this often.
 const MAX_ATTEMPTS: usize = 3;
@@ -50,6 +54,9 @@ pub struct PostgresStore {
     /// `StoreOptions::forward_targets`. With none, a batch is the one statement
     /// [`RECORD_BATCH`]; with some, [`RECORD_BATCH_FORWARDING`], which also queues the changes.
     forward_targets: Vec<String>,
+    /// This process's delivery workers, once forwarding started: a batch's messages are
+    /// written leased to them when they have room (`store::handoff`).
+    handoff: OnceLock<Arc<dyn Handoff>>,
 }
 
 impl PostgresStore {
@@ -83,6 +90,7 @@ impl PostgresStore {
             url_options,
             connect,
             forward_targets: options.forward_targets.clone(),
+            handoff: OnceLock::new(),
         })
     }
 
@@ -121,9 +129,13 @@ impl PostgresStore {
     }
 
     /// A batch: [`RECORD_BATCH`], or with targets [`RECORD_BATCH_FORWARDING`]. One statement,
-    /// so one round trip and one implicit transaction either way.
+    /// so one round trip and one implicit transaction either way. Messages written leased to
+    /// this replica's workers go to them once it has committed (`store::handoff`).
     async fn try_record(&self, plan: &BatchPlan<'_>) -> Result<Vec<DeliveryOutcome>, sqlx::Error> {
-        record_batch(&self.pool, plan, &self.forward_targets).await
+        let (outcomes, handed) =
+            record_batch(&self.pool, plan, &self.forward_targets, self.handoff.get()).await?;
+        handed.hand_over();
+        Ok(outcomes)
     }
 
     /// Queues a `run.status_changed` message per target for the run a triggered run created, as
@@ -166,41 +178,73 @@ impl PostgresStore {
 }
 
 /// Writes a batch on `executor`, with [`RECORD_BATCH`], or [`RECORD_BATCH_FORWARDING`] when
-/// `forward_targets` names any: each delivery's outcome.
+/// `forward_targets` names any: each delivery's outcome, and the messages to report to
+/// `handoff` once committed.
 async fn record_batch<'c>(
     executor: impl PgExecutor<'c>,
     plan: &BatchPlan<'_>,
     forward_targets: &[String],
-) -> Result<Vec<DeliveryOutcome>, sqlx::Error> {
+    handoff: Option<&Arc<dyn Handoff>>,
+) -> Result<(Vec<DeliveryOutcome>, Handed), sqlx::Error> {
     let groups = GroupColumns::of(plan);
     let announcements = feed::payloads(feed::terminal_message_ids(plan.deliveries));
-    let query = if forward_targets.is_empty() {
-        groups
-            .bind(sqlx::query_as(RECORD_BATCH))
-            .bind(&announcements)
+    // At the column's precision, so that a message handed over carries the same timestamp as
+    // the stored one it is sent from on a retry.
+    let committed_at = Utc::now().trunc_subsecs(6);
+    // At most one message per run and target: room for every run of the batch.
+    let offer = if forward_targets.is_empty() {
+        None
     } else {
-        groups
+        let runs = plan
+            .deliveries
+            .iter()
+            .map(|delivery| delivery.message_id.as_str())
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        Some(HandoffOffer::reserve(handoff, forward_targets, runs))
+    };
+    let query = match &offer {
+        None => groups
+            .bind(sqlx::query_as(RECORD_BATCH))
+            .bind(&announcements),
+        Some(offer) => groups
             .bind(sqlx::query_as(RECORD_BATCH_FORWARDING))
             .bind(&announcements)
             .bind(forward_targets)
             .bind(STATUS_CHANGED)
-            .bind(Utc::now())
+            .bind(committed_at)
             .bind(feed::FORWARD_CHANNEL)
+            .bind(offer.owners())
+            .bind(offer.rooms())
+            .bind(offer.until()),
     };
     let rows: Vec<BatchRow> = query.fetch_all(executor).await?;
+    let mut queued = Vec::new();
     let index = group_index(plan);
     let mut inserted = vec![false; plan.groups.len()];
     let mut stored_sha256 = vec![None; plan.groups.len()];
     // Each run's status after the batch.
     let mut final_status = HashMap::new();
     for row in rows {
+        if let (Some(id), Some(target)) = (row.outbox_id, row.outbox_target) {
+            queued.push(QueuedRow {
+                id,
+                target,
+                message_id: row.message_id,
+                run: row.outbox_run,
+            });
+            continue;
+        }
         match row.inserted {
             // A run row: the status the run settled on.
             None => {
-                final_status.insert(row.message_id, row.status);
+                final_status.insert(row.message_id, row.status.unwrap_or_default());
             }
             Some(new_event) => {
-                let key = (row.message_id.as_str(), row.status.as_str());
+                let key = (
+                    row.message_id.as_str(),
+                    row.status.as_deref().unwrap_or_default(),
+                );
                 let Some(&g) = index.get(&key) else {
                     continue;
                 };
@@ -212,19 +256,34 @@ async fn record_batch<'c>(
         }
     }
     let conflicting = plan.conflicting_terminals(&inserted, &final_status);
-    Ok(plan.outcomes(&inserted, &stored_sha256, &conflicting))
+    let handed = match offer {
+        Some(offer) => offer.written(forward_targets, queued, committed_at),
+        None => Handed::default(),
+    };
+    Ok((
+        plan.outcomes(&inserted, &stored_sha256, &conflicting),
+        handed,
+    ))
 }
 
 /// A row of [`RECORD_BATCH`]: one per group of the batch, then one per run it moved.
 #[derive(sqlx::FromRow)]
 struct BatchRow {
     message_id: String,
-    /// The group's status, or the status the run settled on.
-    status: String,
+    /// The group's status, or the status the run settled on; null for a message.
+    status: Option<String>,
     /// For a group: whether it became a new event. Null for a run.
     inserted: Option<bool>,
     /// For a group whose event was already stored: that event's body hash.
     stored_body_sha256: Option<Vec<u8>>,
+    /// [`RECORD_BATCH_FORWARDING`] only: one more row per message queued, with its id and
+    /// target, and its run's JSON when it was written leased (`store::handoff`).
+    #[sqlx(default)]
+    outbox_id: Option<i64>,
+    #[sqlx(default)]
+    outbox_target: Option<String>,
+    #[sqlx(default)]
+    outbox_run: Option<String>,
 }
 
 /// The writes of [`RECORD_BATCH`] and [`RECORD_BATCH_FORWARDING`], up to `moved_runs`'
@@ -320,18 +379,24 @@ moved_runs as (
 /// The end of [`RECORD_BATCH`] and [`RECORD_BATCH_FORWARDING`]: the terminal runs' announcement
 /// and the answer rows, up to the `where` clause, which each completes.
 macro_rules! record_batch_answer {
-    () => {
-        "announced as (
+    ($extra_columns:literal) => {
+        concat!(
+            "announced as (
     select count(*) as sent
     from (select pg_notify('nen_relay_terminal_runs', payload)
           from unnest($18::text[]) as payload) as notifications)
 select message_id, status, inserted,
-       case when inserted then null else body_sha256 end as stored_body_sha256
+       case when inserted then null else body_sha256 end as stored_body_sha256",
+            $extra_columns,
+            "
 from recorded_events
 union all
-select message_id, status, null, null
+select message_id, status, null, null",
+            $extra_columns,
+            "
 from moved_runs
 "
+        )
     };
 }
 
@@ -439,7 +504,7 @@ const RECORD_BATCH: &str = concat!(
     "    returning message_id, status,
               previous_status_rank is null or status_rank > previous_status_rank as changed),
 ",
-    record_batch_answer!(),
+    record_batch_answer!(""),
     "where (select sent from announced) >= 0"
 );
 
@@ -470,23 +535,42 @@ const RECORD_BATCH_FORWARDING: &str = concat!(
               previous_status_rank is null or status_rank > previous_status_rank as changed,
               workflow_id, status_rank, created_at, updated_at, completed_at, expires_at,
               result, assets_url, error, triggered_here, workflow_params),
+offered as (
+    select target.name as target, moved.message_id, target.position, target.owner, target.room,
+           ",
+    run_json!(),
+    " as run,
+           target.owner is not null and not exists (
+               select 1 from forward_outbox as earlier
+               where earlier.target = target.name and earlier.message_id = moved.message_id
+                 and earlier.state = 'pending') as free
+    from moved_runs as moved
+    cross join unnest($19::text[], $23::text[], $24::int4[]) with ordinality
+               as target (name, owner, room, position)
+    where moved.changed),
 forwarded as (
     insert into forward_outbox (target, message_id, event_type, run,
-                                committed_at, queued_at, next_attempt_at)
-    select target.name, moved.message_id, $20, ",
-    run_json!(),
-    ", $21, $21, $21
-    from moved_runs as moved
-    cross join unnest($19::text[]) with ordinality as target (name, position)
-    where moved.changed
-    order by moved.message_id, target.position
-    returning id),
+                                committed_at, queued_at, next_attempt_at, lease_owner, lease_until)
+    select target, message_id, $20, run, $21, $21, $21,
+           case when leased then owner::uuid end, case when leased then $25::timestamptz end
+    from (select offered.*,
+                 free and row_number() over (partition by target, free order by message_id)
+                          <= room as leased
+          from offered) as offer
+    order by message_id, position
+    returning id, target, message_id, run, lease_owner is not null as leased),
 forward_announced as (
     select count(*) as sent
-    from (select pg_notify($22, '') where exists (select 1 from forwarded)) as notification),
+    from (select pg_notify($22, '')
+          where exists (select 1 from forwarded where not leased)) as notification),
 ",
-    record_batch_answer!(),
-    "where (select sent from announced) >= 0 and (select sent from forward_announced) >= 0"
+    record_batch_answer!(
+        ", null::int8 as outbox_id, null::text as outbox_target, null::text as outbox_run"
+    ),
+    "where (select sent from announced) >= 0 and (select sent from forward_announced) >= 0
+union all
+select message_id, null, null, null, id, target, case when leased then run end
+from forwarded"
 );
 
 /// The groups of a batch, column by column in key order, as [`RECORD_BATCH`] binds them.
@@ -843,6 +927,10 @@ impl Store for PostgresStore {
             self.queue_change(&mut tx, &run.message_id).await?;
         }
         tx.commit().await?;
+        if created {
+            // Written without a lease: the workers claim them.
+            Handed::claimable(self.handoff.get(), &self.forward_targets).hand_over();
+        }
         Ok(())
     }
 
@@ -983,6 +1071,10 @@ impl Store for PostgresStore {
 
 #[async_trait]
 impl Outbox for PostgresStore {
+    fn hand_off_to(&self, handoff: Arc<dyn Handoff>) -> bool {
+        self.handoff.set(handoff).is_ok()
+    }
+
     async fn claim_forward_messages(
         &self,
         target: &str,

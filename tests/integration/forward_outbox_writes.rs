@@ -4,21 +4,26 @@
 //! queues one. The outbox is read with plain SQL here.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 
+use chrono::{DateTime, Utc};
 use nen_relay::callbacks::ingest::Ingest;
 use nen_relay::callbacks::payload::parse_callback;
 use nen_relay::config::IngestSettings;
 use nen_relay::forward::ForwardWake;
 use nen_relay::runs::status::StatusRank;
 use nen_relay::runs::waiters::Waiters;
-use nen_relay::store::{Delivery, FeedEvent, Store, StoreOptions, TriggeredRun};
+use nen_relay::store::{
+    Delivery, FeedEvent, HandedMessage, Handoff, Lease, OutboxMessage, Reservation, Store,
+    StoreOptions, TriggeredRun,
+};
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
-use tokio::sync::Barrier;
+use tokio::sync::{Barrier, Semaphore};
+use uuid::Uuid;
 
 use crate::on_both_backends;
 use crate::support::app::callback;
@@ -520,7 +525,7 @@ async fn concurrent_writers_queue_each_change_once(db: TestDatabase) {
 /// answers; a duplicate wakes nothing.
 async fn the_ingest_wakes_the_forwarding_workers_after_a_new_delivery(db: TestDatabase) {
     let store = open_forwarding(&db, &TARGETS).await;
-    let wake = ForwardWake::new(TARGETS);
+    let wake = ForwardWake::new(TARGETS, 8, Duration::from_secs(60));
     let settings = IngestSettings {
         writers: 1,
         max_batch: 8,
@@ -563,6 +568,161 @@ on_both_backends!(
     concurrent_writers_queue_each_change_once,
     the_ingest_wakes_the_forwarding_workers_after_a_new_delivery,
 );
+
+/// A `Handoff` with `room` slots and one lease owner. It keeps what it is given, slots
+/// included, as a worker would hold them while it sends.
+struct RecordingHandoff {
+    owner: Uuid,
+    slots: Arc<Semaphore>,
+    committed: Mutex<Vec<(String, Vec<HandedMessage>, bool)>>,
+}
+
+impl RecordingHandoff {
+    fn new(room: usize) -> Arc<Self> {
+        Arc::new(RecordingHandoff {
+            owner: Uuid::new_v4(),
+            slots: Arc::new(Semaphore::new(room)),
+            committed: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Every commit reported so far: its target, the messages handed over, and whether others
+    /// wait for a claim.
+    fn reported(&self) -> Vec<(String, Vec<OutboxMessage>, bool)> {
+        self.committed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(target, handed, claimable)| {
+                let messages = handed.iter().map(|handed| handed.message.clone()).collect();
+                (target.clone(), messages, *claimable)
+            })
+            .collect()
+    }
+}
+
+impl Handoff for RecordingHandoff {
+    fn reserve(&self, _target: &str, wanted: usize) -> Option<Reservation> {
+        let room = wanted.min(self.slots.available_permits());
+        let slots = self
+            .slots
+            .clone()
+            .try_acquire_many_owned(u32::try_from(room).ok().filter(|room| *room > 0)?)
+            .ok()?;
+        Some(Reservation {
+            lease: Lease {
+                owner: self.owner,
+                until: Utc::now() + chrono::Duration::seconds(60),
+            },
+            slots,
+        })
+    }
+
+    fn committed(&self, target: &str, handed: Vec<HandedMessage>, claimable: bool) {
+        self.committed
+            .lock()
+            .unwrap()
+            .push((target.to_owned(), handed, claimable));
+    }
+}
+
+/// Each message as stored: `(id, message_id, run, committed_at, lease owner)`.
+type StoredMessage = (i64, String, String, DateTime<Utc>, Option<String>);
+
+async fn stored_messages(db: &TestDatabase) -> Vec<StoredMessage> {
+    let mut connection = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query_as(
+        "select id, message_id, run, committed_at, lease_owner::text from forward_outbox
+         order by id",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .unwrap()
+}
+
+/// PostgreSQL writes a batch's messages leased to this replica's workers while they have room,
+/// and hands them over at commit, exactly as stored; a run whose earlier message is still
+/// pending gets its next one unleased, for a claim, so that order per run holds.
+#[tokio::test]
+async fn postgres_a_batch_hands_its_messages_to_the_workers_with_room() {
+    let db = fresh_database(Backend::Postgres).await;
+    let store = open_forwarding(&db, &["alpha"]).await;
+    let handoff = RecordingHandoff::new(2);
+    assert!(store.outbox().hand_off_to(handoff.clone()));
+    assert!(
+        !store.outbox().hand_off_to(RecordingHandoff::new(1)),
+        "the first hand-off counts"
+    );
+
+    // Three new runs, room for two: two are handed over, the third waits for a claim.
+    record(
+        &store,
+        &[
+            ("m-a", "processing"),
+            ("m-b", "processing"),
+            ("m-c", "processing"),
+        ],
+        0,
+    )
+    .await;
+    let reported = handoff.reported();
+    assert_eq!(reported.len(), 1, "one report per commit and target");
+    let (target, handed, claimable) = &reported[0];
+    assert_eq!(
+        (target.as_str(), handed.len(), *claimable),
+        ("alpha", 2, true)
+    );
+    let owner = Some(handoff.owner.to_string());
+    let stored = stored_messages(&db).await;
+    for message in handed {
+        // Exactly as stored, to the byte and the microsecond, and leased to the worker.
+        let row = (
+            message.id,
+            message.message_id.clone(),
+            message.run.clone(),
+            message.committed_at,
+            owner.clone(),
+        );
+        assert!(stored.contains(&row), "{row:?} in {stored:?}");
+        assert_eq!(
+            (message.attempts, message.queued_at),
+            (0, message.committed_at)
+        );
+        assert_eq!(message.run, run_json(&store, &message.message_id).await);
+    }
+    assert_eq!(stored.iter().filter(|row| row.4.is_none()).count(), 1);
+
+    // The two slots are still held (the sends are under way): nothing more is leased.
+    record(&store, &[("m-d", "processing")], 10).await;
+    let reported = handoff.reported();
+    assert_eq!((reported[1].1.len(), reported[1].2), (0, true));
+
+    // Room again (another replica's workers), but m-a's first message is still pending: its
+    // next one waits for a claim, while a new run's is handed over.
+    let other = RecordingHandoff::new(8);
+    let other_store = open_forwarding(&db, &["alpha"]).await;
+    assert!(other_store.outbox().hand_off_to(other.clone()));
+    record(
+        &other_store,
+        &[("m-a", "success"), ("m-e", "processing")],
+        20,
+    )
+    .await;
+    let reported = other.reported();
+    let handed: Vec<&str> = reported[0]
+        .1
+        .iter()
+        .map(|m| m.message_id.as_str())
+        .collect();
+    assert_eq!((handed, reported[0].2), (vec!["m-e"], true));
+    let m_a: Vec<bool> = stored_messages(&db)
+        .await
+        .into_iter()
+        .filter(|row| row.1 == "m-a")
+        .map(|row| row.4.is_some())
+        .collect();
+    assert_eq!(m_a, [true, false]);
+}
 
 /// PostgreSQL: waits until a session of the store waits for a lock, as the server sees it.
 /// Polled with a deadline: an "eventually" check, on the server's own account of the wait.

@@ -1,0 +1,54 @@
+//! Messages written already leased to this replica's delivery worker, and handed to it at
+//! commit: the worker sends them without claiming them first.
+//!
+//! A claim is a statement and a commit per round; under load it was the largest share of what
+//! forwarding cost the database. A store that supports it (PostgreSQL) asks the [`Handoff`]
+//! before it queues a batch's messages how many of them the worker has room for, writes that
+//! many with the worker's lease, and hands them over once the transaction commits. The rules
+//! of the outbox stay as they are:
+//! - a message is written leased only when no earlier message of its run and target is pending
+//!   (the store checks in the insert), so order per run holds: a later change waits for the
+//!   claim, as before;
+//! - the lease is an ordinary lease: if this replica dies before or during the send, the message
+//!   is claimable again when it ends, on any replica;
+//! - a slot is a permit of the worker's concurrency, taken before the write and released when
+//!   the send ends, so hand-offs and claims together never exceed `forward.concurrency`.
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::outbox::{Lease, OutboxMessage};
+
+/// The receiving side: the delivery workers of this process.
+pub trait Handoff: Send + Sync + 'static {
+    /// Room for up to `wanted` messages of `target`, and the lease to write them with; `None`
+    /// when its worker takes none now (no room, resting during an outage, or stopping).
+    fn reserve(&self, target: &str, wanted: usize) -> Option<Reservation>;
+
+    /// After a commit that queued messages for `target`: those written with `reserve`'s
+    /// lease, and whether others were written without one and wait for a claim.
+    fn committed(&self, target: &str, handed: Vec<HandedMessage>, claimable: bool);
+}
+
+/// Room reserved in a worker: one permit per message it may take.
+pub struct Reservation {
+    pub lease: Lease,
+    pub slots: OwnedSemaphorePermit,
+}
+
+impl Reservation {
+    /// How many messages may still be written leased.
+    pub fn room(&self) -> usize {
+        self.slots.num_permits()
+    }
+
+    /// One slot, for a message that was written leased; `None` when none is left.
+    pub fn take_slot(&mut self) -> Option<OwnedSemaphorePermit> {
+        self.slots.split(1)
+    }
+}
+
+/// A committed message, leased to the worker it is handed to, and its slot there.
+pub struct HandedMessage {
+    pub message: OutboxMessage,
+    pub slot: OwnedSemaphorePermit,
+}
