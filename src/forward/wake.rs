@@ -144,22 +144,14 @@ impl Handoff for ForwardWake {
         if !link.accepting.load(Ordering::Acquire) {
             return None;
         }
-        let room = wanted.min(link.slots.available_permits());
-        let slots = link
-            .slots
-            .clone()
-            .try_acquire_many_owned(u32::try_from(room).ok().filter(|room| *room > 0)?)
-            .ok()?;
         let until = chrono::Duration::from_std(link.lease)
             .ok()
             .and_then(|lease| Utc::now().checked_add_signed(lease))?;
-        Some(Reservation {
-            lease: Lease {
-                owner: link.owner,
-                until,
-            },
-            slots,
-        })
+        let lease = Lease {
+            owner: link.owner,
+            until,
+        };
+        Reservation::of_free_slots(&link.slots, wanted, lease)
     }
 
     fn committed(&self, target: &str, handed: Vec<HandedMessage>, claimable: bool) {

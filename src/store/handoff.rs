@@ -14,7 +14,9 @@
 //! - a slot is a permit of the worker's concurrency, taken before the write and released when
 //!   the send ends, so hand-offs and claims together never exceed `forward.concurrency`.
 
-use tokio::sync::OwnedSemaphorePermit;
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::outbox::{Lease, OutboxMessage};
 
@@ -36,6 +38,14 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// Up to `wanted` of the permits free in `slots` now, under `lease`; `None` when none is.
+    pub fn of_free_slots(slots: &Arc<Semaphore>, wanted: usize, lease: Lease) -> Option<Self> {
+        let room = wanted.min(slots.available_permits());
+        let room = u32::try_from(room).ok().filter(|room| *room > 0)?;
+        let slots = slots.clone().try_acquire_many_owned(room).ok()?;
+        Some(Reservation { lease, slots })
+    }
+
     /// How many messages may still be written leased.
     pub fn room(&self) -> usize {
         self.slots.num_permits()

@@ -603,19 +603,11 @@ impl RecordingHandoff {
 
 impl Handoff for RecordingHandoff {
     fn reserve(&self, _target: &str, wanted: usize) -> Option<Reservation> {
-        let room = wanted.min(self.slots.available_permits());
-        let slots = self
-            .slots
-            .clone()
-            .try_acquire_many_owned(u32::try_from(room).ok().filter(|room| *room > 0)?)
-            .ok()?;
-        Some(Reservation {
-            lease: Lease {
-                owner: self.owner,
-                until: Utc::now() + chrono::Duration::seconds(60),
-            },
-            slots,
-        })
+        let lease = Lease {
+            owner: self.owner,
+            until: Utc::now() + chrono::Duration::seconds(60),
+        };
+        Reservation::of_free_slots(&self.slots, wanted, lease)
     }
 
     fn committed(&self, target: &str, handed: Vec<HandedMessage>, claimable: bool) {
