@@ -2,7 +2,9 @@
 //!
 //! Both stores write a change's messages in the transaction that commits the change. Each finds
 //! out in its own way what the run was before (SQLite reads it under its one writer; PostgreSQL
-//! locks it, see `postgres::RECORD_BATCH`), and decides here.
+//! locks it, see `postgres::RECORD_BATCH`). SQLite, and PostgreSQL for a triggered run, decide
+//! here and render the run with `Run`'s serialization; a PostgreSQL batch does both in its
+//! statement (`postgres::RECORD_BATCH_FORWARDING`), to the same rule and the same bytes.
 
 use super::model::Run;
 use super::StoreError;
