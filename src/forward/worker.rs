@@ -7,9 +7,10 @@
 //!   `now + forward.lease`. Another replica's claim skips a leased message until then, and a
 //!   replica that dies mid-send leaves it to the next claim after the lease.
 //! - Order per run is the store's: neither a claim nor a hand-off gives a worker a later
-//!   message of a run while an earlier one is pending. Outcomes are recorded, and more claimed, in rounds: once at most
-//!   half of `forward.concurrency` is still in flight (or nothing is), all finished sends are
-//!   recorded in one statement and the room is refilled with one claim. Store statements then
+//!   message of a run while an earlier one is pending. Outcomes are recorded, and more
+//!   claimed, in rounds: once at most half of `forward.concurrency` is still in flight (or
+//!   nothing is), all finished sends are recorded in one statement and the room is refilled
+//!   with one claim. Store statements then
 //!   cost a fraction of one per message under load instead of two or three, and a run's next
 //!   change waits at most for the slower half of a round, bounded by the send timeout.
 //! - When nothing is in flight and nothing is claimable, it waits for a wake (a commit queued
@@ -42,6 +43,7 @@ use super::wake::WorkerLink;
 use super::{OutboxSource, Target};
 use crate::config::ForwardSettings;
 use crate::metrics;
+use crate::store::handoff;
 use crate::store::outbox::webhook_id;
 use crate::store::{
     AttemptOutcome, FinishedAttempt, HandedMessage, Lease, OutboxMessage, StoreError,
@@ -142,7 +144,7 @@ impl Worker {
                     continue;
                 }
                 // Every free slot: those not held by a send or reserved for a hand-off.
-                let mut slots = self.free_slots();
+                let mut slots = handoff::free_slots(&self.link.slots, usize::MAX);
                 let claimed_at = Utc::now();
                 match self
                     .claim(
@@ -264,15 +266,6 @@ impl Worker {
     /// Whether commits may write messages leased to this worker now (`store::handoff`).
     fn accept_handoffs(&self, accept: bool) {
         self.link.accepting.store(accept, Ordering::Release);
-    }
-
-    /// Every slot that is free now, taken at once; `None` when none is.
-    fn free_slots(&self) -> Option<OwnedSemaphorePermit> {
-        let free = u32::try_from(self.link.slots.available_permits()).ok()?;
-        if free == 0 {
-            return None;
-        }
-        self.link.slots.clone().try_acquire_many_owned(free).ok()
     }
 
     /// Sends messages written leased to this worker, each in the slot reserved for it.

@@ -1,8 +1,8 @@
 //! Messages written already leased to this replica's delivery worker, and handed to it at
 //! commit: the worker sends them without claiming them first.
 //!
-//! A claim is a statement and a commit per round; under load it was the largest share of what
-//! forwarding cost the database. A store that supports it (PostgreSQL) asks the [`Handoff`]
+//! A claim is a statement and a committed row version per message; under load, claims were a
+//! large share of what forwarding cost the database. A store that supports it (PostgreSQL) asks the [`Handoff`]
 //! before it queues a batch's messages how many of them the worker has room for, writes that
 //! many with the worker's lease, and hands them over once the transaction commits. The rules
 //! of the outbox stay as they are:
@@ -40,9 +40,7 @@ pub struct Reservation {
 impl Reservation {
     /// Up to `wanted` of the permits free in `slots` now, under `lease`; `None` when none is.
     pub fn of_free_slots(slots: &Arc<Semaphore>, wanted: usize, lease: Lease) -> Option<Self> {
-        let room = wanted.min(slots.available_permits());
-        let room = u32::try_from(room).ok().filter(|room| *room > 0)?;
-        let slots = slots.clone().try_acquire_many_owned(room).ok()?;
+        let slots = free_slots(slots, wanted)?;
         Some(Reservation { lease, slots })
     }
 
@@ -55,6 +53,14 @@ impl Reservation {
     pub fn take_slot(&mut self) -> Option<OwnedSemaphorePermit> {
         self.slots.split(1)
     }
+}
+
+/// Up to `wanted` of the permits free in `slots` now, taken at once; `None` when none is. The
+/// worker takes its claims' slots this way too.
+pub fn free_slots(slots: &Arc<Semaphore>, wanted: usize) -> Option<OwnedSemaphorePermit> {
+    let room = wanted.min(slots.available_permits());
+    let room = u32::try_from(room).ok().filter(|room| *room > 0)?;
+    slots.clone().try_acquire_many_owned(room).ok()
 }
 
 /// A committed message, leased to the worker it is handed to, and its slot there.
