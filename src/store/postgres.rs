@@ -82,7 +82,7 @@ impl PostgresStore {
             // A ping per checkout would double the round trips of every batch; a dead
             // connection fails its first statement instead, and is replaced.
             .test_before_acquire(false)
-            .connect_lazy_with(connect.clone());
+            .connect_lazy_with(pooled(&connect));
         let listen = connect.clone().application_name("nen-relay-listener");
         Ok(Self {
             pool,
@@ -831,6 +831,36 @@ from events
 where message_id = $1
 order by received_at, id";
 
+/// A pooled connection's options: `connect`'s, and one generic plan per prepared statement.
+///
+/// Under the default `plan_cache_mode`, PostgreSQL plans a prepared statement anew for each
+/// execution while the generic plan looks costlier than the custom ones, and with the arrays
+/// of a batch bound as parameters it always does: [`RECORD_BATCH_FORWARDING`] and the
+/// worker's statements were planned at every execution, which cost more than running them
+/// (docs/performance.md). Every statement the pool runs walks an index whatever its
+/// parameters, and its generic plan does: the test `statement_plans` checks each one's plan,
+/// made on empty tables. A sweep's connection (`connect` itself) keeps the default: its
+/// deletes choose by how much is old.
+fn pooled(connect: &PgConnectOptions) -> PgConnectOptions {
+    connect
+        .clone()
+        .options([("plan_cache_mode", "force_generic_plan")])
+}
+
+/// A transaction in which statements are planned for their parameters again, as PostgreSQL
+/// does by default, instead of generically (`pooled`): for the few whose best plan depends
+/// on them (a replay window, a cutoff, a count that stops early), where a generic plan made
+/// on a small table would scan it all for as long as the connection lives.
+async fn begin_with_custom_plans(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("set local plan_cache_mode = auto")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     async fn record_deliveries(
@@ -1037,11 +1067,13 @@ impl Store for PostgresStore {
         changed_before: DateTime<Utc>,
         cap: u32,
     ) -> Result<u64, StoreError> {
+        let mut tx = begin_with_custom_plans(&self.pool).await?;
         let count: i64 = sqlx::query_scalar(COUNT_STUCK_RUNS)
             .bind(changed_before)
             .bind(i64::from(cap))
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(u64::try_from(count).unwrap_or(0))
     }
 

@@ -1,15 +1,20 @@
-//! PostgreSQL keeps the plan of a prepared statement: after a few executions it settles on a
-//! generic plan, made with the statistics of that moment, and keeps it while the tables grow.
-//! sqlx prepares each statement once per connection, so a plan made on a fresh, small table
-//! is the plan of every batch after. Here every statement is planned generically from its
-//! first execution, on empty tables, and `auto_explain` (PostgreSQL's contrib module) sends
-//! each plan back as a notice, which sqlx logs. The statements covered are forwarding's, on
-//! PostgreSQL: a batch with targets, a worker's round, the queue's count, the stuck sweep.
+//! The PostgreSQL store plans its pooled statements generically (`plan_cache_mode =
+//! force_generic_plan`): a batch's arrays, bound as parameters, made the default choice plan
+//! the batch anew at every execution. A connection makes each statement's generic plan at its
+//! first execution, with the statistics of that moment, and keeps it for its life, so a plan
+//! made on a fresh, small table is the plan of every batch after on that connection. Here
+//! every statement the store runs is executed first on nearly empty tables, and `auto_explain`
+//! (PostgreSQL's contrib module) sends each plan back as a notice, which sqlx logs: the
+//! generic ones must walk indexes, and only the three statements meant to be planned for
+//! their parameters may be planned otherwise.
 
 /// PostgreSQL only: the name carries it, so `--skip postgres` leaves it out.
 mod postgres {
     use chrono::{TimeDelta, Utc};
-    use nen_relay::store::{AttemptOutcome, FinishedAttempt, Lease};
+    use nen_relay::store::{
+        AttemptOutcome, FinishedAttempt, IdempotencyClaim, Lease, RunCursor, RunQuery,
+        StoredResponse, TriggeredRun,
+    };
     use serde_json::json;
     use url::Url;
     use uuid::Uuid;
@@ -21,17 +26,16 @@ mod postgres {
     use crate::support::Backend;
 
     /// Session settings for the store's connections: generic plans at once, each one reported.
-    const REPORT_GENERIC_PLANS: &str = "-c plan_cache_mode=force_generic_plan \
-         -c session_preload_libraries=auto_explain -c auto_explain.log_min_duration=0 \
-         -c auto_explain.log_level=notice";
+    const REPORT_PLANS: &str = "-c session_preload_libraries=auto_explain \
+         -c auto_explain.log_min_duration=0 -c auto_explain.log_level=notice \
+         -c auto_explain.log_verbose=on";
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn forwarding_statements_probe_indexes_on_plans_made_for_empty_tables() {
+    async fn pooled_statements_probe_indexes_on_generic_plans_made_for_empty_tables() {
         logs::capture();
         let mut db = fresh_database(Backend::Postgres).await;
         let mut url = Url::parse(&db.url).expect("a PostgreSQL URL");
-        url.query_pairs_mut()
-            .append_pair("options", REPORT_GENERIC_PLANS);
+        url.query_pairs_mut().append_pair("options", REPORT_PLANS);
         db.url = url.to_string();
         let store = open_forwarding(&db, &["alpha"]).await;
         // The migrations are explained too, and may scan: only what comes after them counts.
@@ -94,28 +98,146 @@ mod postgres {
             .await
             .expect("queued");
         assert_eq!(stuck, 12);
+        // And the reads, and the other writes, of the API and the worker.
+        let run = store.get_run("m-plan-1-2").await.expect("read");
+        assert_eq!(run.map(|run| run.status), Some("processing".to_string()));
+        for (workflow_id, status) in [
+            (None, None),
+            (Some("wf-plan"), None),
+            (None, Some("processing")),
+            (Some("wf-plan"), Some("processing")),
+        ] {
+            let query = RunQuery {
+                workflow_id: workflow_id.map(str::to_string),
+                status: status.map(str::to_string),
+                limit: 5,
+                after: Some(RunCursor { seq: i64::MAX }),
+            };
+            store.list_runs(&query).await.expect("listed");
+            store
+                .list_stuck_runs(&query, Utc::now())
+                .await
+                .expect("listed");
+        }
+        assert_eq!(
+            store
+                .count_stuck_runs(Utc::now(), 100)
+                .await
+                .expect("counted"),
+            12
+        );
+        assert_eq!(
+            store.list_events("m-plan-0-0").await.expect("read").len(),
+            1
+        );
+        store
+            .outbox()
+            .next_forward_due("alpha", Utc::now())
+            .await
+            .expect("looked up");
+        store
+            .outbox()
+            .list_failed_forwards("alpha", 10, Some(i64::MAX))
+            .await
+            .expect("listed");
+        store
+            .outbox()
+            .retry_failed_forwards("alpha", Utc::now())
+            .await
+            .expect("queued");
+        let replayed = store
+            .outbox()
+            .replay_forwards("alpha", Utc::now() - TimeDelta::hours(1), None, Utc::now())
+            .await
+            .expect("replayed");
+        assert_eq!(replayed, 11, "every delivered message");
+        store
+            .outbox()
+            .prune_forwarded(Utc::now(), 100)
+            .await
+            .expect("pruned");
+        let triggered = TriggeredRun {
+            message_id: "m-plan-triggered".into(),
+            workflow_id: "wf-plan".into(),
+            workflow_params: None,
+            created_at: Utc::now(),
+        };
+        store
+            .record_triggered_run(&triggered)
+            .await
+            .expect("recorded");
+        let claim = IdempotencyClaim {
+            key: "key-plan".into(),
+            request_sha256: [7; 32],
+            now: Utc::now(),
+            expires_at: Utc::now() + TimeDelta::hours(1),
+        };
+        for _ in 0..2 {
+            store.claim_idempotency_key(&claim).await.expect("claimed");
+        }
+        let answer = StoredResponse {
+            status: 201,
+            body: "{}".into(),
+        };
+        store
+            .complete_idempotency_key("key-plan", &answer)
+            .await
+            .expect("completed");
+        store
+            .release_idempotency_key("key-plan")
+            .await
+            .expect("released");
 
         let logged = logs::captured();
         // Only this test's connections load auto_explain, so every plan here is its store's.
-        let plans: Vec<&str> = logged[migrated..]
+        let plans: Vec<(String, String)> = logged[migrated..]
             .lines()
             .filter(|line| line.contains("sqlx::postgres::notice") && line.contains("Query Text"))
+            .map(query_and_plan)
             .collect();
-        // Each batch is one statement (messages included); then the claim, the outcomes, the
-        // queue, and the sweep's two.
+        // A generic plan shows the parameters where a custom one shows their values. The pool
+        // plans generically; three statements choose by their parameters, in a transaction of
+        // their own: the stuck count, replay, and pruning.
+        let (generic, custom): (Vec<_>, Vec<_>) =
+            plans.iter().partition(|(_, plan)| plan.contains("$1"));
+        // Named by their first lines: the batch's whole text is long.
+        let custom: Vec<&str> = custom
+            .iter()
+            .map(|(query, _)| query.lines().next().unwrap_or_default())
+            .collect();
+        assert_eq!(custom.len(), 3, "planned for their parameters: {custom:#?}");
+        for (query, prefix) in custom.iter().zip([
+            "select count(*) from (",
+            "update forward_outbox set",
+            "delete from forward_outbox",
+        ]) {
+            assert!(query.starts_with(prefix), "{query}");
+        }
+        // Three batches, a worker's round, the counts, the sweep, the reads and the other
+        // writes of the API.
         assert!(
-            plans.len() >= 8,
-            "auto_explain reported every statement of three batches, a round, a count and a sweep: \
-             {} plans",
-            plans.len()
+            generic.len() >= 25,
+            "auto_explain reported every statement: {} generic plans",
+            generic.len()
         );
-        for plan in plans {
+        for (query, plan) in generic {
             for table in ["runs", "events", "forward_outbox"] {
                 assert!(
                     !plan.contains(&format!("Seq Scan on {table} ")),
-                    "a forwarding statement scans all of {table}: {plan}"
+                    "a statement scans all of {table}: {query}\n{plan}"
                 );
             }
         }
+    }
+
+    /// The query text, and the plan, of one line of auto_explain's notices as sqlx logs them.
+    fn query_and_plan(line: &str) -> (String, String) {
+        let logged: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+        let message = logged["fields"]["message"].as_str().expect("a message");
+        let text = message.split_once("Query Text: ").expect("a query text").1;
+        // The plan starts at its first node, the first line with a cost.
+        let node = text.find("(cost=").expect("a plan");
+        let start = text[..node].rfind('\n').map_or(0, |at| at + 1);
+        (text[..start].trim().to_string(), text[start..].to_string())
     }
 }

@@ -298,13 +298,15 @@ pub(super) async fn replay(
     until: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Result<u64, StoreError> {
+    let mut tx = super::begin_with_custom_plans(&store.pool).await?;
     let done = sqlx::query(REPLAY)
         .bind(target)
         .bind(since)
         .bind(until)
         .bind(now)
-        .execute(&store.pool)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
     Ok(done.rows_affected())
 }
 
@@ -355,10 +357,12 @@ pub(super) async fn prune(
     before: DateTime<Utc>,
     limit: u32,
 ) -> Result<u64, StoreError> {
+    let mut tx = super::begin_with_custom_plans(&store.pool).await?;
     let done = sqlx::query(PRUNE)
         .bind(before)
         .bind(i64::from(limit))
-        .execute(&store.pool)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
     Ok(done.rows_affected())
 }
