@@ -8,11 +8,14 @@
 //!   replica that dies mid-send leaves it to the next claim after the lease.
 //! - Order per run is the store's: neither a claim nor a hand-off gives a worker a later
 //!   message of a run while an earlier one is pending. Outcomes are recorded, and more
-//!   claimed, in rounds: once at most half of `forward.concurrency` is still in flight (or
-//!   nothing is), all finished sends are recorded in one statement and the room is refilled
-//!   with one claim. Store statements then
-//!   cost a fraction of one per message under load instead of two or three, and a run's next
-//!   change waits at most for the slower half of a round, bounded by the send timeout.
+//!   claimed, in rounds: all finished sends are recorded in one statement and the free slots
+//!   are refilled with one claim. A round comes when the worker has nothing at all (no send
+//!   in flight, no outcome to record), when `forward.concurrency` outcomes wait to be
+//!   recorded, or [`ROUND_WAIT`] after the first outcome or wake since the last round,
+//!   whichever comes first. A finished send frees its
+//!   slot at once (hand-offs fill it meanwhile), so under load a round records dozens of
+//!   outcomes in one statement instead of a few, and a run's next change, or a wake from
+//!   another replica, waits at most [`ROUND_WAIT`] longer.
 //! - When nothing is in flight and nothing is claimable, it waits for a wake (a commit queued
 //!   messages), for the soonest pending message to become due (`next_forward_due`), or for
 //!   `forward.poll_interval`, whichever comes first: never a busy loop. While sends are in
@@ -49,6 +52,8 @@ use crate::store::{
     AttemptOutcome, FinishedAttempt, HandedMessage, Lease, OutboxMessage, StoreError,
 };
 
+/// How long a finished send's outcome, or a wake, waits for the next round at most.
+pub const ROUND_WAIT: Duration = Duration::from_millis(10);
 /// The longest pause after store errors.
 pub const MAX_PAUSE: Duration = Duration::from_secs(30);
 /// A store error that lasts is logged this often at most.
@@ -104,6 +109,8 @@ impl Worker {
         let mut unrecorded: Vec<Done> = Vec::new();
         let mut trouble = StoreTrouble::default();
         let mut outage = Outage::default();
+        // Since when the next round has been wanted: the first outcome or wake after the last.
+        let mut wanted_since: Option<Instant> = None;
         loop {
             if stop.is_cancelled() {
                 break;
@@ -120,8 +127,18 @@ impl Worker {
             while let Ok(handed) = self.link.handed.try_recv() {
                 self.start_handed(&mut in_flight, handed);
             }
+            if !unrecorded.is_empty() {
+                wanted_since.get_or_insert_with(Instant::now);
+            }
             let mut wake_at = None;
-            if self.round_due(in_flight.len()) {
+            if round_due(
+                self.settings.concurrency,
+                in_flight.len(),
+                unrecorded.len(),
+                wanted_since,
+                Instant::now(),
+            ) {
+                wanted_since = None;
                 if !unrecorded.is_empty() {
                     if let Err(error) = self.record(&mut unrecorded, &mut outage).await {
                         trouble.failed(&self.target.name, "record delivery outcomes", &error);
@@ -181,7 +198,7 @@ impl Worker {
                     }
                 }
             }
-            let may_claim = self.round_due(in_flight.len());
+            let round_at = wanted_since.map(|since| since + ROUND_WAIT);
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
@@ -191,7 +208,10 @@ impl Worker {
                     }
                 }
                 Some(handed) = self.link.handed.recv() => self.start_handed(&mut in_flight, handed),
-                () = self.link.wake.notified(), if may_claim => {}
+                () = self.link.wake.notified() => {
+                    wanted_since.get_or_insert_with(Instant::now);
+                }
+                () = sleep_until(round_at), if round_at.is_some() => {}
                 () = sleep_until(wake_at), if wake_at.is_some() => {}
             }
         }
@@ -214,12 +234,6 @@ impl Worker {
                 );
             }
         }
-    }
-
-    /// Whether to record and claim now, with `in_flight` sends under way: when at most half
-    /// the concurrency is (see the module).
-    fn round_due(&self, in_flight: usize) -> bool {
-        in_flight <= self.settings.concurrency / 2
     }
 
     async fn claim(
@@ -376,6 +390,21 @@ impl Worker {
     }
 }
 
+/// Whether to record and claim now (see the module): the worker has nothing at all (so it
+/// claims, or sleeps until something comes due), `concurrency` outcomes wait, or the first
+/// outcome or wake since the last round has waited [`ROUND_WAIT`] by `now`.
+fn round_due(
+    concurrency: usize,
+    in_flight: usize,
+    unrecorded: usize,
+    wanted_since: Option<Instant>,
+    now: Instant,
+) -> bool {
+    (in_flight == 0 && unrecorded == 0)
+        || unrecorded >= concurrency
+        || wanted_since.is_some_and(|since| now.duration_since(since) >= ROUND_WAIT)
+}
+
 /// Takes the sends that finished already, without waiting.
 fn collect_finished(in_flight: &mut JoinSet<Done>, unrecorded: &mut Vec<Done>) {
     while let Some(done) = in_flight.try_join_next() {
@@ -478,6 +507,24 @@ impl StoreTrouble {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_comes_when_idle_when_a_rounds_worth_waits_or_after_the_round_wait() {
+        let now = Instant::now();
+        let just = Some(now);
+        let waited = now.checked_sub(ROUND_WAIT);
+        // Nothing at all: claim (or look for the next due message) at once.
+        assert!(round_due(64, 0, 0, None, now));
+        // Outcomes to record, sends still under way, or a wake: they wait for company...
+        assert!(!round_due(64, 0, 1, just, now));
+        assert!(!round_due(64, 3, 0, None, now));
+        assert!(!round_due(64, 3, 63, just, now));
+        assert!(!round_due(64, 3, 0, just, now));
+        // ...until a round's worth of outcomes waits, or the first has waited long enough.
+        assert!(round_due(64, 3, 64, just, now));
+        assert!(round_due(64, 3, 1, waited, now));
+        assert!(round_due(64, 3, 0, waited, now));
+    }
 
     #[test]
     fn store_errors_pause_longer_each_time_and_once_per_error() {
