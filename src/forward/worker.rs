@@ -12,10 +12,10 @@
 //!   are refilled with one claim. A round comes when the worker has nothing at all (no send
 //!   in flight, no outcome to record), when `forward.concurrency` outcomes wait to be
 //!   recorded, or [`ROUND_WAIT`] after the first outcome or wake since the last round,
-//!   whichever comes first. A finished send frees its
-//!   slot at once (hand-offs fill it meanwhile), so under load a round records dozens of
-//!   outcomes in one statement instead of a few, and a run's next change, or a wake from
-//!   another replica, waits at most [`ROUND_WAIT`] longer.
+//!   whichever comes first. A finished send frees its slot at once (hand-offs fill it
+//!   meanwhile), so under load a round records dozens of outcomes in one statement instead
+//!   of a few, and a run's next change, or a wake from another replica, waits at most
+//!   [`ROUND_WAIT`] longer.
 //! - When nothing is in flight and nothing is claimable, it waits for a wake (a commit queued
 //!   messages), for the soonest pending message to become due (`next_forward_due`), or for
 //!   `forward.poll_interval`, whichever comes first: never a busy loop. While sends are in

@@ -837,10 +837,11 @@ order by received_at, id";
 /// execution while the generic plan looks costlier than the custom ones, and with the arrays
 /// of a batch bound as parameters it always does: [`RECORD_BATCH_FORWARDING`] and the
 /// worker's statements were planned at every execution, which cost more than running them
-/// (docs/performance.md). Every statement the pool runs walks an index whatever its
-/// parameters, and its generic plan does: the test `statement_plans` checks each one's plan,
-/// made on empty tables. A sweep's connection (`connect` itself) keeps the default: its
-/// deletes choose by how much is old.
+/// (docs/performance.md). The statements planned this way walk an index whatever their
+/// parameters, and so do their generic plans: the test `statement_plans` checks each one's
+/// plan, made on nearly empty tables. The few that choose by their values run in
+/// [`begin_with_custom_plans`]. A sweep's connection (`connect` itself) keeps the default:
+/// its deletes choose by how much is old.
 fn pooled(connect: &PgConnectOptions) -> PgConnectOptions {
     connect
         .clone()
