@@ -836,7 +836,7 @@ order by received_at, id";
 /// Under the default `plan_cache_mode`, PostgreSQL plans a prepared statement anew for each
 /// execution while the generic plan looks costlier than the custom ones, and with the arrays
 /// of a batch bound as parameters it always does: [`RECORD_BATCH_FORWARDING`] and the
-/// worker's statements were planned at every execution, which cost more than running them
+/// worker's statements were planned at every execution, about 0.9 ms of a 3.2 ms batch
 /// (docs/performance.md). The statements planned this way walk an index whatever their
 /// parameters, and so do their generic plans: the test `statement_plans` checks each one's
 /// plan, made on nearly empty tables. The few that choose by their values run in
