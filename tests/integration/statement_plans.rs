@@ -25,7 +25,8 @@ mod postgres {
     use crate::support::store_fixtures::{delivery, open_forwarding};
     use crate::support::Backend;
 
-    /// Session settings for the store's connections: generic plans at once, each one reported.
+    /// Session settings for the store's connections: every plan reported as a notice, with
+    /// its parameters or values (`log_verbose`). How they are planned is the store's own.
     const REPORT_PLANS: &str = "-c session_preload_libraries=auto_explain \
          -c auto_explain.log_min_duration=0 -c auto_explain.log_level=notice \
          -c auto_explain.log_verbose=on";
