@@ -16,6 +16,11 @@ use crate::store::outbox::{webhook_id, OutboxMessage};
 
 /// How much of a refusal's body goes into the error.
 const BODY_EXCERPT: usize = 200;
+/// A response's body is read to its end, up to this much, so that its connection goes back to
+/// the pool: a body left unread closes the connection, and then every message opened one of
+/// its own (and, to an https target, made a TLS handshake). A longer body is left unread, and
+/// its connection closed.
+const DRAIN_LIMIT: usize = 64 * 1024;
 /// How long an error may be at most.
 const ERROR_LIMIT: usize = 300;
 
@@ -64,19 +69,16 @@ pub async fn send(
         .header(SIGNATURE_HEADER, signature)
         .body(body);
     match request.send().await {
-        Ok(response) if response.status().is_success() => Sent::Delivered,
+        Ok(mut response) if response.status().is_success() => {
+            // The 2xx is the answer; the body is read only to keep the connection.
+            read_body(&mut response, 0).await;
+            Sent::Delivered
+        }
         Ok(mut response) => {
             let status = response.status();
-            let mut excerpt = Vec::new();
             // The first bytes only: a target that answers with a page of HTML does not fill
             // the database. A body that fails midway still leaves the status.
-            while excerpt.len() < BODY_EXCERPT {
-                match response.chunk().await {
-                    Ok(Some(chunk)) => excerpt.extend_from_slice(&chunk),
-                    Ok(None) | Err(_) => break,
-                }
-            }
-            excerpt.truncate(BODY_EXCERPT);
+            let excerpt = read_body(&mut response, BODY_EXCERPT).await;
             let excerpt = printable(&String::from_utf8_lossy(&excerpt));
             Sent::Refused(if excerpt.is_empty() {
                 format!("HTTP {}", status.as_u16())
@@ -86,6 +88,24 @@ pub async fn send(
         }
         Err(error) => Sent::Unreachable(describe(&error)),
     }
+}
+
+/// Reads the body of `response` to its end or past [`DRAIN_LIMIT`], whichever comes first
+/// (within the client's timeout, which covers the body too); returns its first `keep` bytes.
+async fn read_body(response: &mut reqwest::Response, keep: usize) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let mut read = 0;
+    while read <= DRAIN_LIMIT {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                read += chunk.len();
+                let room = keep.saturating_sub(kept.len()).min(chunk.len());
+                kept.extend_from_slice(&chunk[..room]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    kept
 }
 
 /// A transport error in a few words, without the URL.
@@ -137,6 +157,24 @@ fn truncate(mut text: String, limit: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn response(body: Vec<u8>) -> reqwest::Response {
+        reqwest::Response::from(axum::http::Response::new(body))
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_whole_and_its_first_bytes_kept() {
+        let long: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        assert_eq!(
+            read_body(&mut response(long.clone()), 200).await,
+            long[..200]
+        );
+        assert_eq!(
+            read_body(&mut response(b"short".to_vec()), 200).await,
+            b"short"
+        );
+        assert!(read_body(&mut response(long), 0).await.is_empty());
+    }
 
     #[test]
     fn errors_are_one_short_line() {

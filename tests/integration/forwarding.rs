@@ -2,13 +2,13 @@
 //! receiver that verifies each with the official Standard Webhooks library (SPEC, "Forwarding
 //! to your systems").
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::Utc;
 use serde_json::{json, Value};
@@ -30,6 +30,8 @@ struct Received {
     webhook_id: String,
     body: Value,
     verified: bool,
+    /// The sender's end of the connection the message came over.
+    peer: SocketAddr,
 }
 
 #[derive(Default)]
@@ -37,6 +39,8 @@ struct Receiver {
     received: Mutex<Vec<Received>>,
     /// Statuses answered first, one per request; then 200.
     answers: Mutex<VecDeque<u16>>,
+    /// The body of every answer.
+    reply: String,
     arrived: Notify,
 }
 
@@ -71,9 +75,10 @@ impl Receiver {
 
 async fn receive(
     State(receiver): State<Arc<Receiver>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Bytes,
-) -> StatusCode {
+) -> (StatusCode, String) {
     let verified = standardwebhooks::Webhook::new(SECRET)
         .unwrap()
         .verify(&body, &headers)
@@ -88,14 +93,23 @@ async fn receive(
         webhook_id,
         body: serde_json::from_slice(&body).unwrap_or_default(),
         verified,
+        peer,
     });
     receiver.arrived.notify_waiters();
-    StatusCode::from_u16(answer).unwrap()
+    (
+        StatusCode::from_u16(answer).unwrap(),
+        receiver.reply.clone(),
+    )
 }
 
 async fn start_receiver(answers: &[u16]) -> (Arc<Receiver>, SocketAddr) {
+    start_receiver_replying(answers, String::new()).await
+}
+
+async fn start_receiver_replying(answers: &[u16], reply: String) -> (Arc<Receiver>, SocketAddr) {
     let receiver = Arc::new(Receiver {
         answers: Mutex::new(answers.iter().copied().collect()),
+        reply,
         ..Receiver::default()
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -103,6 +117,7 @@ async fn start_receiver(answers: &[u16]) -> (Arc<Receiver>, SocketAddr) {
     let app = axum::Router::new()
         .route("/hooks", axum::routing::post(receive))
         .with_state(receiver.clone());
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (receiver, address)
 }
@@ -243,7 +258,33 @@ async fn a_stuck_run_goes_out_once_as_run_stuck(db: TestDatabase) {
     assert!(stuck[0].webhook_id.starts_with("msg_"));
 }
 
+/// A target that answers with a body (a page, an echo of the message) keeps its connection:
+/// each answer is read to its end, so the next message goes over the same connection instead
+/// of a new one (and, to an https target, a new TLS handshake). Left unread, a 30 kB answer
+/// closed the connection after every message.
+async fn a_target_answering_with_a_body_keeps_its_connection(db: TestDatabase) {
+    const MESSAGES: usize = 8;
+    let (receiver, address) = start_receiver_replying(&[], "x".repeat(30_000)).await;
+    // One send at a time, so that one connection can carry them all.
+    let app = app_forwarding_with(db, address, &[("NEN_RELAY_FORWARD__CONCURRENCY", "1")]).await;
+    for run in 0..MESSAGES {
+        app.deliver_ok(&callback(&format!("m-{run}"), "processing", json!({})))
+            .await;
+    }
+    let received = receiver.wait_for(MESSAGES).await;
+    assert!(received.iter().all(|message| message.verified));
+    let connections: HashSet<SocketAddr> = received.iter().map(|message| message.peer).collect();
+    // One when every answer is read; a pool may open another when a send checks out a
+    // connection just before the last one is back, so some slack.
+    assert!(
+        connections.len() <= MESSAGES / 2,
+        "{} connections for {MESSAGES} messages",
+        connections.len()
+    );
+}
+
 on_both_backends!(
+    a_target_answering_with_a_body_keeps_its_connection,
     a_stuck_run_goes_out_once_as_run_stuck,
     every_change_is_forwarded_signed_and_in_order,
     a_refusing_target_gets_the_message_again_with_the_same_id,
