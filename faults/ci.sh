@@ -22,6 +22,7 @@ check() {
 cargo build --release --locked || { echo "faults: 0 passed, 1 failed"; exit 1; }
 
 check crash python3 faults/crash.py --kills 3 --time-limit 180
+check crash_sqlite python3 faults/crash.py --db sqlite --kills 3 --time-limit 180
 check slow_db python3 faults/slow_db.py --lock-seconds 4 --senders 100
 # Attacks from anonymous clients, while signed callbacks must keep being served (faults/attack.py).
 check method_flood python3 faults/method_flood.py --seconds 15

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Crash test: SIGKILL nen-relay under concurrent signed callbacks; nothing acknowledged is lost.
 
-Starts a release nen-relay on a fresh PostgreSQL database, sends every (message_id, status)
+Starts a release nen-relay on a fresh PostgreSQL database (or SQLite file: --db sqlite), sends every (message_id, status)
 delivery from several threads, and kills the server with SIGKILL at random moments, restarting
 it on the same port each time. A delivery that got no answer (refused, reset, timed out) or a
 503 is sent again, as Nen would, until it is acknowledged with 200. At the end every delivery
 must be stored exactly once. Exit status 1 on any loss, duplicate or unexpected answer.
 
-    python3 faults/crash.py [--kills 5] [--messages 400] [--workers 12] [--seed N]
+    python3 faults/crash.py [--db postgres|sqlite] [--kills 5] [--messages 400] [--workers 12] [--seed N]
 """
 
 import argparse
@@ -25,6 +25,7 @@ STATUSES = ("processing", "success")
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", choices=("postgres", "sqlite"), default="postgres")
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--messages", type=int, default=20000,
                         help="at most this many runs (each gets %d deliveries)" % len(STATUSES))
@@ -34,7 +35,7 @@ def main():
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
-    print(f"crash: seed={seed} kills={args.kills} messages={args.messages} workers={args.workers}")
+    print(f"crash: db={args.db} seed={seed} kills={args.kills} messages={args.messages} workers={args.workers}")
 
     secret = "whsec-crash-" + os.urandom(8).hex()
     token = "token-crash-" + os.urandom(8).hex()
@@ -51,7 +52,7 @@ def main():
     deadline = time.monotonic() + args.time_limit
     done = threading.Event()
 
-    with relay.Database("crash") as db:
+    with relay.store(args.db, "crash") as db:
         server = relay.Relay(db, relay.free_port(), secret, token)
         server.start()
 

@@ -9,9 +9,12 @@ import http.client
 import json
 import os
 import resource
+import shutil
 import signal
+import sqlite3
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -49,6 +52,26 @@ class Database:
                 return
             except subprocess.SubprocessError:
                 time.sleep(1)  # PostgreSQL may still be starting after an outage test
+
+
+class SqliteFile:
+    """A fresh SQLite file in a temporary directory, removed on exit."""
+
+    def __init__(self, prefix):
+        self.directory = tempfile.mkdtemp(prefix=f"nen_relay_{prefix}_")
+        self.path = os.path.join(self.directory, "relay.db")
+        self.url = f"sqlite://{self.path}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def store(kind, prefix):
+    """A fresh store of kind "postgres" or "sqlite", as a context manager."""
+    return SqliteFile(prefix) if kind == "sqlite" else Database(prefix)
 
 
 def free_port():
@@ -168,7 +191,12 @@ def deliver(port, secret, body, timeout=5.0):
 
 def stored_events(db):
     """{(message_id, status): row count} straight from the events table."""
-    rows = psql(db.name, "select message_id, status, count(*) from events group by 1, 2")
+    query = "select message_id, status, count(*) from events group by 1, 2"
+    if isinstance(db, SqliteFile):
+        with sqlite3.connect(db.path) as connection:
+            rows = connection.execute(query).fetchall()
+    else:
+        rows = psql(db.name, query)
     return {(m, s): int(c) for m, s, c in rows}
 
 

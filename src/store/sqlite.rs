@@ -1,9 +1,10 @@
 //! The embedded SQLite store: one file, no server, for a single instance.
 //!
 //! SQLite lets one connection write at a time. Rather than letting concurrent writers collide and
-//! fail with "database is locked", every write goes through a pool of exactly one connection, in
-//! `begin immediate` transactions: writers queue in the pool and take turns. Reads have a pool of
-//! their own; in WAL mode they never wait for the writer, and see only committed batches.
+//! fail with "database is locked", every write is a `begin immediate` transaction that first
+//! takes its turn (`turns`), in arrival order, on one of two write connections: the ingest
+//! path's own (`writer`) or sqlx's (a pool of exactly one). Reads have a pool of their own; in
+//! WAL mode they never wait for a writer, and see only committed batches.
 //!
 //! Because nothing else writes while a transaction holds the lock, this store reads what it needs
 //! and decides in Rust (`plan`, `forward_only`); its statements only store the result. That
@@ -13,9 +14,9 @@
 //! sqlx runs each statement on the connection's own thread, and each hand-off to it waits to be
 //! scheduled: with a statement per step of a batch, those waits were most of its time, all of it
 //! under the write lock. So the two writes on the ingest path, a batch of callbacks and a run
-//! started here (`batch`), run in place on the same connection (`writer`): one hand-off per
-//! transaction. Everything else, rarer, goes through sqlx. Checkpoints run beside the writer
-//! (`checkpoint`).
+//! started here (`batch`), run with rusqlite on a thread that owns its connection (`writer`):
+//! one hand-off there and one back per transaction. Everything else, rarer, goes through sqlx.
+//! Checkpoints run beside the writer (`checkpoint`).
 
 use std::path::Path;
 use std::str::FromStr;
@@ -38,17 +39,22 @@ use super::retention::SweepSession;
 use super::rows::{EventRow, RunRow, StoredText};
 use super::{migrations, Outbox, PoolUsage, Store, StoreError, StoreOptions};
 use checkpoint::Checkpointer;
+use turns::{SqlxWriter, Turns};
+use writer::WriterThread;
 
 mod batch;
 mod checkpoint;
 mod outbox;
 mod sweep;
+mod turns;
 mod writer;
 
 pub struct SqliteStore {
-    /// One connection: the only way anything is written.
-    writer: SqlitePool,
-    /// Read-only connections (`query_only`), so that no write can bypass the queue above.
+    /// The ingest path's writes: batches of callbacks, triggered runs.
+    writer: WriterThread,
+    /// Every other write: sqlx's one write connection, in turn with `writer`.
+    sqlx_writer: SqlxWriter,
+    /// Read-only connections (`query_only`), so that no write can bypass the turns above.
     readers: SqlitePool,
     /// What every connection is opened with; migrations open their own with a longer wait.
     base: SqliteConnectOptions,
@@ -80,7 +86,7 @@ impl SqliteStore {
             // The schema has no foreign keys: skip the per-statement checks.
             .foreign_keys(false);
         create_parent_directory(base.get_filename())?;
-        let writer = SqlitePoolOptions::new()
+        let sqlx_writer = SqlitePoolOptions::new()
             .max_connections(1)
             // Kept open for good: it holds the WAL and its index open for the readers, and a
             // reconnect per burst would redo the pragmas for nothing.
@@ -113,8 +119,15 @@ impl SqliteStore {
                     // every connection shares and which is not the process's memory.
                     .pragma("cache_size", READER_CACHE_SIZE),
             );
+        let turns = Turns::default();
+        let writer = WriterThread::start(
+            base.get_filename(),
+            options.statement_timeout,
+            turns.clone(),
+        )?;
         Ok(Self {
             writer,
+            sqlx_writer: SqlxWriter::new(sqlx_writer, turns),
             readers,
             checkpointer: Checkpointer::new(&base),
             base,
@@ -309,25 +322,26 @@ impl Store for SqliteStore {
         // another process is waited for (busy_timeout), then reported as unavailable.
         let deliveries = deliveries.to_vec();
         let targets = Arc::clone(&self.forward_targets);
-        let outcomes = writer::in_write_transaction(&self.writer, move |transaction| {
-            batch::record(transaction, &BatchPlan::new(&deliveries), &targets)
-        })
-        .await?;
+        let outcomes = self
+            .writer
+            .transaction(move |transaction| {
+                batch::record(transaction, &BatchPlan::new(&deliveries), &targets)
+            })
+            .await?;
         self.checkpointer.after_commit();
         Ok(outcomes)
     }
 
     async fn record_rejected_payload(&self, rejected: &RejectedPayload) -> Result<(), StoreError> {
-        sqlx::query(
+        let insert = sqlx::query(
             "insert into rejected_payloads (received_at, key_id, reason, body) \
              values (?, ?, ?, ?)",
         )
         .bind(time_text(rejected.received_at))
         .bind(&rejected.key_id)
         .bind(&rejected.reason)
-        .bind(rejected.raw_body.as_ref())
-        .execute(&self.writer)
-        .await?;
+        .bind(rejected.raw_body.as_ref());
+        self.sqlx_writer.execute(insert).await?;
         Ok(())
     }
 
@@ -374,10 +388,11 @@ impl Store for SqliteStore {
     async fn record_triggered_run(&self, run: &TriggeredRun) -> Result<(), StoreError> {
         let run = run.clone();
         let targets = Arc::clone(&self.forward_targets);
-        writer::in_write_transaction(&self.writer, move |transaction| {
-            batch::record_triggered_run(transaction, &run, &targets)
-        })
-        .await
+        self.writer
+            .transaction(move |transaction| {
+                batch::record_triggered_run(transaction, &run, &targets)
+            })
+            .await
     }
 
     async fn claim_idempotency_key(
@@ -386,7 +401,7 @@ impl Store for SqliteStore {
     ) -> Result<ClaimOutcome, StoreError> {
         // Claims queue for the one write connection, and `immediate` holds the write lock from
         // the first statement: exactly one of several concurrent claims of a key inserts it.
-        let mut tx = self.writer.begin_with("begin immediate").await?;
+        let mut tx = self.sqlx_writer.begin().await?;
         sqlx::query("delete from idempotency_keys where key = ? and expires_at <= ?")
             .bind(&claim.key)
             .bind(time_text(claim.now))
@@ -433,22 +448,21 @@ impl Store for SqliteStore {
         key: &str,
         response: &StoredResponse,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        let update = sqlx::query(
             "update idempotency_keys set response_status = ?2, response_body = ?3 where key = ?1",
         )
         .bind(key)
         .bind(i64::from(response.status))
-        .bind(&response.body)
-        .execute(&self.writer)
-        .await?;
+        .bind(&response.body);
+        self.sqlx_writer.execute(update).await?;
         Ok(())
     }
 
     async fn release_idempotency_key(&self, key: &str) -> Result<(), StoreError> {
-        sqlx::query("delete from idempotency_keys where key = ? and response_status is null")
-            .bind(key)
-            .execute(&self.writer)
-            .await?;
+        let delete =
+            sqlx::query("delete from idempotency_keys where key = ? and response_status is null")
+                .bind(key);
+        self.sqlx_writer.execute(delete).await?;
         Ok(())
     }
 
@@ -459,7 +473,7 @@ impl Store for SqliteStore {
 
     fn pool_usage(&self) -> Vec<PoolUsage> {
         vec![
-            PoolUsage::of("writer", &self.writer),
+            PoolUsage::of("writer", self.sqlx_writer.pool()),
             PoolUsage::of("readers", &self.readers),
         ]
     }
@@ -501,7 +515,9 @@ impl Store for SqliteStore {
 
     /// One process writes the file: nothing to exclude, every batch goes through the writer.
     async fn begin_sweep(&self) -> Result<Option<Box<dyn SweepSession>>, StoreError> {
-        Ok(Some(Box::new(sweep::SqliteSweep::new(self.writer.clone()))))
+        Ok(Some(Box::new(sweep::SqliteSweep::new(
+            self.sqlx_writer.clone(),
+        ))))
     }
 
     fn outbox(&self) -> &dyn Outbox {

@@ -139,7 +139,7 @@ pub(super) async fn claim(
     if limit == 0 {
         return Ok(Vec::new());
     }
-    let mut tx = store.writer.begin_with("begin immediate").await?;
+    let mut tx = store.sqlx_writer.begin().await?;
     let rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM)
         .bind(target)
         .bind(i64::from(limit))
@@ -176,7 +176,7 @@ pub(super) async fn finish(
     if attempts.is_empty() {
         return Ok(0);
     }
-    let mut tx = store.writer.begin_with("begin immediate").await?;
+    let mut tx = store.sqlx_writer.begin().await?;
     let mut recorded = 0;
     for attempt in attempts {
         let (kind, next, error) = match &attempt.outcome {
@@ -262,7 +262,7 @@ pub(super) async fn retry_failed(
     target: &str,
     now: DateTime<Utc>,
 ) -> Result<u64, StoreError> {
-    let mut tx = store.writer.begin_with("begin immediate").await?;
+    let mut tx = store.sqlx_writer.begin().await?;
     let done = sqlx::query(RETRY_FAILED)
         .bind(target)
         .bind(time_text(now))
@@ -279,7 +279,7 @@ pub(super) async fn replay(
     until: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Result<u64, StoreError> {
-    let mut tx = store.writer.begin_with("begin immediate").await?;
+    let mut tx = store.sqlx_writer.begin().await?;
     let done = sqlx::query(REPLAY)
         .bind(target)
         .bind(time_text(since))
@@ -301,7 +301,7 @@ pub(super) async fn queue_stuck(
         return Ok(0);
     }
     let now = time_text(now);
-    let mut tx = store.writer.begin_with("begin immediate").await?;
+    let mut tx = store.sqlx_writer.begin().await?;
     let rows: Vec<RunRow<StoredText>> = sqlx::query_as(super::RUNS_TO_QUEUE_STUCK)
         .bind(time_text(changed_before))
         .bind(i64::from(limit))
@@ -337,7 +337,7 @@ pub(super) async fn prune(
     before: DateTime<Utc>,
     limit: u32,
 ) -> Result<u64, StoreError> {
-    let mut tx = store.writer.begin_with("begin immediate").await?;
+    let mut tx = store.sqlx_writer.begin().await?;
     let done = sqlx::query(PRUNE)
         .bind(time_text(before))
         .bind(i64::from(limit))

@@ -7,18 +7,18 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::SqlitePool;
 
+use super::turns::SqlxWriter;
 use super::{time_from_text, time_text};
 use crate::store::retention::{PrunedPayloads, SweepSession};
 use crate::store::StoreError;
 
 pub struct SqliteSweep {
-    writer: SqlitePool,
+    writer: SqlxWriter,
 }
 
 impl SqliteSweep {
-    pub fn new(writer: SqlitePool) -> Self {
+    pub(super) fn new(writer: SqlxWriter) -> Self {
         Self { writer }
     }
 }
@@ -78,7 +78,7 @@ impl SweepSession for SqliteSweep {
         from: Option<DateTime<Utc>>,
         limit: u32,
     ) -> Result<PrunedPayloads, StoreError> {
-        let mut tx = self.writer.begin_with("begin immediate").await?;
+        let mut tx = self.writer.begin().await?;
         let arrivals: Vec<String> = sqlx::query_scalar(PRUNE_PAYLOADS)
             .bind(time_text(cutoff))
             .bind(i64::from(limit))
@@ -100,13 +100,14 @@ impl SweepSession for SqliteSweep {
     }
 
     async fn delete_runs(&mut self, cutoff: DateTime<Utc>, limit: u32) -> Result<u64, StoreError> {
-        let mut tx = self.writer.begin_with("begin immediate").await?;
+        let mut tx = self.writer.begin().await?;
         let due: Vec<String> = sqlx::query_scalar(DUE_RUNS)
             .bind(time_text(cutoff))
             .bind(i64::from(limit))
             .fetch_all(&mut *tx)
             .await?;
         if due.is_empty() {
+            tx.rollback().await?;
             return Ok(0);
         }
         let due = serde_json::to_string(&due).map_err(|error| {
@@ -151,11 +152,10 @@ impl SqliteSweep {
         before: DateTime<Utc>,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        let done = sqlx::query(statement)
+        let delete = sqlx::query(statement)
             .bind(time_text(before))
-            .bind(i64::from(limit))
-            .execute(&self.writer)
-            .await?;
+            .bind(i64::from(limit));
+        let done = self.writer.execute(delete).await?;
         Ok(done.rows_affected())
     }
 }
