@@ -119,7 +119,7 @@ impl SqliteStore {
                     // every connection shares and which is not the process's memory.
                     .pragma("cache_size", READER_CACHE_SIZE),
             );
-        let turns = Turns::default();
+        let turns = Turns::new(options.acquire_timeout);
         let writer = WriterThread::start(
             base.get_filename(),
             options.statement_timeout,
@@ -399,8 +399,8 @@ impl Store for SqliteStore {
         &self,
         claim: &IdempotencyClaim,
     ) -> Result<ClaimOutcome, StoreError> {
-        // Claims queue for the one write connection, and `immediate` holds the write lock from
-        // the first statement: exactly one of several concurrent claims of a key inserts it.
+        // Claims take their turn with every other write, and `immediate` holds the write lock
+        // from the first statement: exactly one of several concurrent claims of a key inserts it.
         let mut tx = self.sqlx_writer.begin().await?;
         sqlx::query("delete from idempotency_keys where key = ? and expires_at <= ?")
             .bind(&claim.key)

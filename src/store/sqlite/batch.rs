@@ -1,5 +1,6 @@
-//! What a batch of callbacks, or a run this service started, writes: run in place inside the
-//! writer's transaction (`writer`), a statement per row, each prepared once per transaction.
+//! What a batch of callbacks, or a run this service started, writes: run inside the writer
+//! thread's transaction (`writer`), a statement per row, each prepared once and kept for the
+//! next transaction.
 //!
 //! Nothing else writes while the transaction holds the lock, so the store reads what it needs
 //! and decides in Rust (`plan`, `forward_only`, `changes`); the statements only store the

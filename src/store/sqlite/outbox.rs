@@ -2,8 +2,8 @@
 //! replay, stuck runs and pruning. The messages of a change are written with the change, in
 //! `sqlite.rs`.
 //!
-//! One process writes, through the store's one writer connection, so a claim needs no row
-//! locks: a `begin immediate` transaction is alone. Times are the store's fixed-width text, so
+//! One process writes, one transaction at a time (`turns`), so a claim needs no row locks: a
+//! `begin immediate` transaction is alone. Times are the store's fixed-width text, so
 //! comparing text compares times. The statements repeat the partial indexes' predicates
 //! (`state = 'pending'`, `state = 'failed'`, `status_rank < 2`) word for word so that the
 //! planner can use them.

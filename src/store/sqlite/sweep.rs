@@ -1,9 +1,9 @@
 //! The retention sweep's SQL on SQLite (see `store::retention`).
 //!
 //! One process writes a SQLite file, so no lock between replicas is needed. Each batch is one
-//! `begin immediate` transaction on the store's single write connection: callbacks queue for
-//! that connection too, and get it between two batches, so a sweep delays a callback by one
-//! small batch at most.
+//! `begin immediate` transaction in its turn (`turns`): callback batches take their turns in
+//! the same queue, between two of the sweep's, so a sweep delays a callback by one small batch
+//! at most.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};

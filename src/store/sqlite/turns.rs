@@ -5,29 +5,43 @@
 //! file lock decide (a transaction that finds the lock taken sleeps in its busy handler, 1 ms,
 //! then 2, then 5...), each write transaction first takes a turn here, in arrival order. The
 //! file lock then only ever waits for another process (a migration, an operator's `sqlite3`).
+//! A write waits for its turn at most `store.acquire_timeout`, as it waited for the one write
+//! connection before there were two: past it the store is unavailable, and the caller answers
+//! 503.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::sqlite::{Sqlite, SqliteArguments, SqliteConnection, SqlitePool, SqliteQueryResult};
 use sqlx::Transaction;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 /// The one gate both write connections pass; a clone shares it.
-#[derive(Clone, Default)]
-pub(super) struct Turns(Arc<Mutex<()>>);
+#[derive(Clone)]
+pub(super) struct Turns {
+    gate: Arc<Mutex<()>>,
+    wait: Duration,
+}
 
 /// Held for as long as a write transaction is open.
 pub(super) type Turn = OwnedMutexGuard<()>;
 
 impl Turns {
-    pub(super) async fn take(&self) -> Turn {
-        self.0.clone().lock_owned().await
+    /// Turns that each wait at most `wait`.
+    pub(super) fn new(wait: Duration) -> Self {
+        Self {
+            gate: Arc::default(),
+            wait,
+        }
     }
 
-    /// For the writer thread, which is outside the runtime and may block.
-    pub(super) fn take_blocking(&self) -> Turn {
-        self.0.clone().blocking_lock_owned()
+    /// The next turn, or `PoolTimedOut` after the wait: the same error, and answer, as a pool
+    /// that has no connection to give in time.
+    pub(super) async fn take(&self) -> Result<Turn, sqlx::Error> {
+        tokio::time::timeout(self.wait, self.gate.clone().lock_owned())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)
     }
 }
 
@@ -45,7 +59,7 @@ impl SqlxWriter {
 
     /// A `begin immediate` transaction, holding its turn until committed or dropped.
     pub(super) async fn begin(&self) -> Result<TurnTransaction, sqlx::Error> {
-        let turn = self.turns.take().await;
+        let turn = self.turns.take().await?;
         let transaction = self.pool.begin_with("begin immediate").await?;
         Ok(TurnTransaction { transaction, turn })
     }
@@ -55,7 +69,7 @@ impl SqlxWriter {
         &self,
         query: sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>,
     ) -> Result<SqliteQueryResult, sqlx::Error> {
-        let _turn = self.turns.take().await;
+        let _turn = self.turns.take().await?;
         query.execute(&self.pool).await
     }
 
@@ -102,5 +116,28 @@ impl Deref for TurnTransaction {
 impl DerefMut for TurnTransaction {
     fn deref_mut(&mut self) -> &mut SqliteConnection {
         &mut self.transaction
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_turn_not_given_within_the_wait_is_a_pool_timeout() {
+        let turns = Turns::new(Duration::from_millis(50));
+        let held = turns.take().await.unwrap();
+        // Held throughout: the second can only time out.
+        let waited = turns.take().await;
+        assert!(
+            matches!(waited, Err(sqlx::Error::PoolTimedOut)),
+            "{waited:?}"
+        );
+        assert!(matches!(
+            crate::store::StoreError::from(waited.unwrap_err()),
+            crate::store::StoreError::Unavailable(_)
+        ));
+        drop(held);
+        turns.take().await.unwrap();
     }
 }

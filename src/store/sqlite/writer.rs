@@ -66,20 +66,21 @@ impl WriterThread {
     }
 
     /// Runs `work` in one `begin immediate` transaction on the thread, in its turn, and commits
-    /// it; any error rolls it back. Dropping the future before the turn came writes nothing;
-    /// after, the transaction still commits, and its caller has been told nothing (a callback
-    /// is then retried by Nen and answered as a duplicate).
+    /// it; any error rolls it back. Dropping the future before the thread starts the work
+    /// writes nothing; after, the transaction still commits, and its caller has been told
+    /// nothing (a callback is then retried by Nen and answered as a duplicate).
     pub(super) async fn transaction<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
     {
+        // Taken here, where waiting costs no thread, and handed to the thread with the work:
+        // it passes on once the transaction is over.
+        let turn = self.turns.take().await?;
         let (reply, answer) = oneshot::channel();
-        let turns = self.turns.clone();
         let job: Job = Box::new(move |connection| {
-            let _turn = turns.take_blocking();
-            // A caller that gave up while this waited (its timeout answered 503) has nothing
-            // written: what it asked for is retried, so it need not hold up the writes behind it.
+            // A caller that has given up (its timeout answered 503) has nothing written: what
+            // it asked for is retried.
             if reply.is_closed() {
                 return;
             }
@@ -87,6 +88,7 @@ impl WriterThread {
             // dropped `reply` tells the caller.
             let result =
                 std::panic::catch_unwind(AssertUnwindSafe(|| in_transaction(connection, work)));
+            drop(turn);
             if let Ok(result) = result {
                 let _ = reply.send(result);
             }
@@ -151,7 +153,7 @@ mod tests {
             .execute(&pool)
             .await
             .unwrap();
-        let turns = Turns::default();
+        let turns = Turns::new(Duration::from_secs(10));
         let thread = WriterThread::start(&file, Duration::ZERO, turns.clone()).unwrap();
         (thread, SqlxWriter::new(pool, turns))
     }
